@@ -1,0 +1,69 @@
+"""`rlhf-lab`: the command line.
+
+    rlhf-lab [hydra overrides]            one alignment run (Hydra app; -m for sweeps, any Hydra launcher)
+    rlhf-lab study [study=NAME] [overrides applied to every run]
+                                          run a whole study (default: the embedded imdb study) and write its points
+
+User errors (bad config, bad data, missing paths) end with one clear message and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rlhf_lab.utils.errors import UserError
+
+CONF_DIR = str(Path(__file__).parent / "conf")
+log = logging.getLogger("rlhf_lab")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def train_app(raw: DictConfig) -> dict | None:
+    from rlhf_lab.config import validate_run_config
+    from rlhf_lab.study.pipeline import run_alignment
+
+    hc = HydraConfig.get()
+    try:
+        cfg = validate_run_config(raw)
+        summary = run_alignment(cfg, Path(hc.runtime.output_dir))
+        log.info("run complete: %s (points: %s)", hc.runtime.output_dir, Path(hc.runtime.output_dir) / "points.csv")
+        return summary
+    except UserError as e:
+        log.error("error: %s", e)
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            return None  # one bad sweep point must not stop the others; its directory stays incomplete
+        sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """Progress bars from transformers/datasets drown the training log; errors still show."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main() -> None:
+    quiet_libraries()
+    args = sys.argv[1:]
+    try:
+        if args and args[0] == "study":
+            from rlhf_lab.study.runner import study_main
+
+            sys.exit(study_main(args[1:]))
+        train_app()
+    except UserError as e:
+        print(f"rlhf-lab: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

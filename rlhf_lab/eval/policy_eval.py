@@ -1,0 +1,97 @@
+"""Evaluation shared by every method (DPO family now, PPO later): sample on held-out prompts, score the gold
+reward, and measure the sequence-level KL(π‖π_ref) on the policy's own samples at the evaluation temperature.
+
+Two KL figures per sequence (DESIGN.md): `kl` is the exact per-token KL over the full vocabulary summed over
+the completion — the DPO paper's "sum of per-timestep KLs", always ≥ 0, low variance; `kl_sampled` is the
+single-sample log-ratio Σ_t log π(y_t)/π_ref(y_t), an unbiased but noisy estimate of the same quantity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rlhf_lab.config import EvalConfig
+from rlhf_lab.data.batches import SequenceBatch
+from rlhf_lab.models.logprobs import sequence_kl
+from rlhf_lab.models.sampling import sample_completions
+
+
+@dataclass
+class EvalResult:
+    samples: int
+    kl_mean: float              # exact sequence KL (nats), mean over samples
+    kl_se: float                # its standard error
+    kl_sampled_mean: float      # sampled log-ratio estimate
+    kl_sampled_se: float
+    gold_reward_mean: float     # NaN when the task has no gold reward
+    gold_reward_se: float
+    response_len_mean: float    # completion tokens, eos included
+    eos_fraction: float         # share of samples that ended with EOS within max_new_tokens
+    temperature: float
+
+    def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error (sample std / √n)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return float(values.mean()), se
+
+
+def decode_samples(tokenizer, seqs: SequenceBatch) -> list[str]:
+    """Prompt + completion text (special tokens dropped): what the gold reward scores."""
+    ids = seqs.input_ids.tolist()
+    keep = seqs.attention_mask.tolist()
+    texts = []
+    for row, mask in zip(ids, keep):
+        texts.append(tokenizer.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=True))
+    return texts
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], gold, cfg: EvalConfig,
+                    autocast=None) -> EvalResult:
+    """Sample cfg.samples_per_prompt completions per prompt from `policy` and score them (see module doc)."""
+    device = next(policy.parameters()).device
+    prompts = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    was_training = policy.training
+    policy.eval()
+    seqs = sample_completions(
+        policy, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
+        generator=generator,
+    )
+    kl_exact, kl_sampled = [], []
+    for start in range(0, len(seqs), cfg.batch_size):
+        chunk = _slice(seqs, start, start + cfg.batch_size).to(device)
+        terms = sequence_kl(policy, reference, chunk, cfg.temperature)
+        kl_exact.append(terms.exact.cpu())
+        kl_sampled.append(terms.sampled.cpu())
+    policy.train(was_training)
+    exact = torch.cat(kl_exact).double().numpy()
+    sampled = torch.cat(kl_sampled).double().numpy()
+    lengths = seqs.completion_lengths.double().numpy()
+    ended = (seqs.completion_ids == tokenizer.eos_token_id).any(-1).double().numpy()
+    gold_scores = np.asarray(gold.score(decode_samples(tokenizer, seqs)), dtype=np.float64) if gold else np.array([])
+    kl_m, kl_s = mean_se(exact)
+    kls_m, kls_s = mean_se(sampled)
+    g_m, g_s = mean_se(gold_scores)
+    return EvalResult(
+        samples=len(seqs), kl_mean=kl_m, kl_se=kl_s, kl_sampled_mean=kls_m, kl_sampled_se=kls_s,
+        gold_reward_mean=g_m, gold_reward_se=g_s, response_len_mean=float(lengths.mean()),
+        eos_fraction=float(ended.mean()), temperature=cfg.temperature,
+    )
+
+
+def _slice(seqs: SequenceBatch, start: int, end: int) -> SequenceBatch:
+    return SequenceBatch(seqs.input_ids[start:end], seqs.attention_mask[start:end],
+                         seqs.completion_mask[start:end], seqs.prompt_width)

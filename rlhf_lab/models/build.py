@@ -1,0 +1,70 @@
+"""Build causal LMs from config: a hub name, a local path, or `from_config` for tiny models trained here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_lab.config import ModelConfig
+from rlhf_lab.utils.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout makes log-prob ratios noisy: off in every role (PPO detail 3, TRL's disable_dropout)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        raise UserError(f"tokenizer at {path} has no pad token; set one distinct from eos ({tok.eos_token!r})")
+    tok.padding_side = "left"
+    return tok
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """A fresh model from `cfg.config` (seeded init) or pretrained weights from `cfg.name_or_path`."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path is not None:
+        return load_causal_lm(cfg.name_or_path, dtype)
+    special = dict(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = AutoConfig.for_model(cfg.arch, **dict(cfg.config), **special)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    disable_dropout(model)
+    return model
+
+
+def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    except OSError as e:
+        raise UserError(
+            f"could not load a causal LM from {name_or_path!r}: not a local checkpoint and not reachable on the hub "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    disable_dropout(model)
+    return model
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A reference model: same weights, eval mode, no gradients."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,75 @@
+"""Batched ancestral sampling with a KV cache from left-padded prompts.
+
+Our own loop instead of `generate`: it samples from exactly the tempered softmax that `models.logprobs` scores
+(no hidden top-k/top-p defaults), is deterministic under a `torch.Generator`, and returns batches in the
+shared layout, ready for log-prob passes. Completions stop after the first EOS (kept, scored) and are padded.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_lab.data.batches import SequenceBatch
+from rlhf_lab.data.collate import collate_sequences
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> SequenceBatch:
+    """One completion per prompt (repeat prompts for k samples). Returns (N, P + C) with C ≤ max_new_tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    completions: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        prompts = collate_sequences(chunk, [[] for _ in chunk], pad_id).to(device)
+        completions.extend(_sample_chunk(model, prompts, eos_id, pad_id, max_new_tokens, temperature, generator))
+    model.train(was_training)
+    return collate_sequences(prompt_ids, completions, pad_id)
+
+
+def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens, temperature, generator):
+    input_ids, attention_mask = prompts.input_ids, prompts.attention_mask
+    position_ids = prompts.position_ids
+    n = input_ids.shape[0]
+    finished = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    past = None
+    step_ids, step_pos = input_ids, position_ids
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
+                                1, generator=generator).squeeze(-1).to(input_ids.device)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        finished |= nxt == eos_id
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, (~finished | (nxt == eos_id)).long()[:, None]], dim=1)
+        step_pos = step_pos[:, -1:] + 1
+        step_ids = nxt[:, None]
+    sampled = torch.stack(tokens, dim=1).tolist()  # (n, T)
+    return [_strip_after_eos(row, eos_id, pad_id) for row in sampled]
+
+
+def _strip_after_eos(row: list[int], eos_id: int, pad_id: int) -> list[int]:
+    out = []
+    for t in row:
+        if t == pad_id:
+            break
+        out.append(t)
+        if t == eos_id:
+            break
+    return out

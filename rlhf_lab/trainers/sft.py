@@ -1,0 +1,69 @@
+"""Supervised fine-tuning on plain text (the embedded task: IMDb reviews): next-token cross-entropy."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_lab.config import SFTConfig
+from rlhf_lab.distributed.strategy import TorchStrategy
+from rlhf_lab.trainers.optim import warmup_schedule
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Each text truncated to `seq_len` tokens; texts that end within the window get an EOS (so models learn to stop)."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids[:seq_len] if len(ids) >= seq_len else ids + [tokenizer.eos_token_id] for ids in encoded if ids]
+
+
+def lm_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, T) input ids and a (N, T) mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over real target tokens."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    targets, target_mask = ids[:, 1:], mask[:, 1:].float()
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view_as(target_mask) * target_mask).sum() / target_mask.sum()
+
+
+def train_sft(model, tokenizer, texts: list[str], cfg: SFTConfig, strategy: TorchStrategy, seed: int,
+              log_fn=None):
+    """Train `model` in place for cfg.steps optimizer steps on random batches of `texts`; return final loss."""
+    rows = tokenize_texts(tokenizer, texts[: cfg.num_texts] if cfg.num_texts else texts, cfg.seq_len)
+    if not rows:
+        raise ValueError("SFT: no non-empty texts to train on")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = strategy.setup(model, optimizer, warmup_schedule(optimizer, cfg.warmup_steps))
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    cursor, started, loss_value = 0, time.time(), float("nan")
+    for step in range(1, cfg.steps + 1):
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = torch.randperm(len(rows), generator=generator).tolist(), 0
+        batch = [rows[i] for i in order[cursor: cursor + cfg.batch_size]]
+        cursor += cfg.batch_size
+        ids, mask = (t.to(strategy.device) for t in lm_batch(batch, tokenizer.pad_token_id))
+        with strategy.autocast():
+            loss = lm_loss(model, ids, mask)
+        strategy.backward(loss)
+        result = strategy.step()
+        loss_value = loss.item()
+        if log_fn is not None and (step % 50 == 0 or step == cfg.steps):
+            log_fn({"sft/loss": loss_value, "sft/grad_norm": result.grad_norm,
+                    "sft/tokens_per_s": step * cfg.batch_size * cfg.seq_len / (time.time() - started)}, step)
+    model.eval()
+    return loss_value
