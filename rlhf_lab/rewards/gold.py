@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class SentimentClassifierReward(GoldReward):
 
     name = "classifier"
 
-    def __init__(self, pipeline: Any = None, hparams: Optional[dict[str, Any]] = None):
+    def __init__(self, pipeline: Any = None, hparams: dict[str, Any] | None = None):
         self.hparams = dict(CLASSIFIER_HPARAMS if hparams is None else hparams)
         self.pipeline = pipeline
         self.meta: dict[str, Any] = {}
@@ -90,7 +91,7 @@ class SentimentClassifierReward(GoldReward):
     def is_trained(self) -> bool:
         return self.pipeline is not None
 
-    def train(self, texts: Sequence[str], labels: Sequence[int], seed: int = 0) -> "SentimentClassifierReward":
+    def train(self, texts: Sequence[str], labels: Sequence[int], seed: int = 0) -> SentimentClassifierReward:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import Pipeline
@@ -112,8 +113,8 @@ class SentimentClassifierReward(GoldReward):
         # introspection, so drop it before pickling (sklearn's own advice).
         vectorizer.stop_words_ = None
         self.pipeline = pipeline
-        self.meta = {"num_train": int(len(labels)), "seed": int(seed), "hparams": h,
-                     "num_features": int(len(vectorizer.vocabulary_))}
+        self.meta = {"num_train": len(labels), "seed": int(seed), "hparams": h,
+                     "num_features": len(vectorizer.vocabulary_)}
         return self
 
     def score(self, texts: Sequence[str]) -> np.ndarray:
@@ -141,7 +142,7 @@ class SentimentClassifierReward(GoldReward):
         (directory / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, directory: Path) -> "SentimentClassifierReward":
+    def load(cls, directory: Path) -> SentimentClassifierReward:
         """Load a classifier saved by `save`. This unpickles, i.e. runs code: only load our own cache."""
         import joblib
 
@@ -204,9 +205,9 @@ def classifier_cache_key(split_key: dict[str, Any], seed: int) -> dict[str, Any]
 def make_gold_reward(
     name: str,
     *,
-    path: Optional[Path] = None,
-    train_texts: Optional[Sequence[str]] = None,
-    train_labels: Optional[Sequence[int]] = None,
+    path: Path | None = None,
+    train_texts: Sequence[str] | None = None,
+    train_labels: Sequence[int] | None = None,
     seed: int = 0,
 ) -> GoldReward:
     """Build a gold reward by name.

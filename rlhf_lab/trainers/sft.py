@@ -62,8 +62,12 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFTConfig, strategy: Torc
         strategy.backward(loss)
         result = strategy.step()
         loss_value = loss.item()
-        if log_fn is not None and (step % 50 == 0 or step == cfg.steps):
-            log_fn({"sft/loss": loss_value, "sft/grad_norm": result.grad_norm,
-                    "sft/tokens_per_s": step * cfg.batch_size * cfg.seq_len / (time.time() - started)}, step)
+        if step % 50 == 0 or step == cfg.steps:
+            metrics = {"sft/loss": loss_value, "sft/grad_norm": result.grad_norm,
+                       "sft/tokens_per_s": step * cfg.batch_size * cfg.seq_len / (time.time() - started)}
+            log.info("sft step %d/%d: loss %.3f (%.0f tokens/s)", step, cfg.steps, loss_value,
+                     metrics["sft/tokens_per_s"])
+            if log_fn is not None:
+                log_fn(metrics, step)
     model.eval()
     return loss_value

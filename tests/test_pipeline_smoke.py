@@ -1,0 +1,168 @@
+"""End-to-end on tiny models through the real CLI: SFT → preferences → reference cache → DPO → evaluation.
+
+Runs share one stage cache (session fixture) so each test adds only its own few training steps.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlhf_lab.eval.points import POINT_COLUMNS
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model=gpt2_micro", "logger=none", "task.max_train_reviews=2000", "task.vocab_size=512",
+    "task.num_train_prompts=48", "task.num_test_prompts=16", "sft.steps=20", "sft.batch_size=16", "sft.seq_len=32",
+    "preferences.max_new_tokens=12", "data.max_completion_length=13", "train.steps=3", "train.batch_size=8",
+    "train.micro_batch_size=4", "eval.every=2", "eval.max_new_tokens=12",
+]
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "rlhf_lab.cli", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=600, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"rlhf-lab {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("ws")
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    run_dir = workspace / "run_a"
+    run_cli([*TINY, f"output_root={workspace}", f"hydra.run.dir={run_dir}"], workspace)
+    return run_dir
+
+
+def read_points(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_points_config_versions_and_model(first_run, workspace):
+    rows = read_points(first_run / "points.csv")
+    assert list(rows[0].keys()) == POINT_COLUMNS
+    assert [int(r["step"]) for r in rows] == [0, 2, 3]          # step 0, every 2 steps, and the end
+    assert float(rows[0]["kl_mean"]) == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
+    assert all(float(r["kl_mean"]) >= 0 for r in rows)
+    assert all(0 <= float(r["gold_reward_mean"]) <= 1 for r in rows)
+    assert rows[0]["method"] == "dpo" and rows[0]["loss_type"] == "sigmoid" and float(rows[0]["beta"]) == 0.1
+    cfg = yaml.safe_load((first_run / "config.yaml").read_text())
+    assert cfg["algo"]["beta"] == 0.1 and cfg["model"]["config"]["n_layer"] == 2
+    versions = json.loads((first_run / "versions.json").read_text())
+    assert versions["torch"].startswith("2.") and "transformers" in versions
+    assert "sha" in json.loads((first_run / "git.json").read_text())
+    metrics = [json.loads(line) for line in (first_run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if "train/loss" in m]
+    assert {"train/rewards/chosen", "train/rewards/accuracies", "train/logps/rejected"} <= set(train_rows[0])
+    assert (first_run / "_COMPLETE").exists()
+
+
+def test_saved_policy_and_sft_load_with_auto_classes(first_run, workspace):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for path in [first_run / "model", *sorted((workspace / "cache" / "sft").glob("[0-9a-f]*"))]:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert tok.pad_token_id != tok.eos_token_id
+        assert model.config.vocab_size == len(tok)
+
+
+def test_reference_is_frozen_and_cached_once(first_run, workspace):
+    """The reference log-prob table equals a fresh pass of the SFT model after training, and a second run
+    (another β) reuses every stage instead of rebuilding it."""
+    from rlhf_lab.data.collate import collate_pairs
+    from rlhf_lab.data.formats import load_preference_pairs
+    from rlhf_lab.data.tokenize import TruncationConfig, tokenize_pairs
+    from rlhf_lab.models.build import load_causal_lm, load_tokenizer
+    from rlhf_lab.models.logprobs import sequence_logps
+
+    cache = workspace / "cache"
+    (sft_dir,) = sorted((cache / "sft").glob("[0-9a-f]*"))
+    (ref_dir,) = sorted((cache / "reference_logps").glob("[0-9a-f]*"))
+    (pref_dir,) = sorted((cache / "preferences").glob("[0-9a-f]*"))
+    table = torch.load(ref_dir / "reference_logps.pt")
+    tok = load_tokenizer(sft_dir)
+    pairs, _ = load_preference_pairs(str(pref_dir / "pairs.jsonl"), "train", tok)
+    tokenized, _ = tokenize_pairs(pairs, tok, TruncationConfig(16, 13, "truncate"))
+    reference = load_causal_lm(sft_dir).eval()
+    batch = collate_pairs(tokenized[:8], tok.pad_token_id, table)
+    with torch.no_grad():
+        fresh = sequence_logps(reference, batch.sequences)
+    torch.testing.assert_close(fresh, batch.reference_logps, rtol=0, atol=1e-4)
+
+    mtimes = {p: p.stat().st_mtime for p in cache.rglob("_COMPLETE")}
+    run_cli([*TINY, "algo.beta=0.5", f"output_root={workspace}", f"hydra.run.dir={workspace / 'run_b'}"], workspace)
+    assert {p: p.stat().st_mtime for p in cache.rglob("_COMPLETE")} == mtimes  # nothing rebuilt
+    assert read_points(workspace / "run_b" / "points.csv")[-1]["beta"] == "0.5"
+
+
+def test_cpu_runs_are_deterministic(first_run, workspace):
+    run_cli([*TINY, f"output_root={workspace}", f"hydra.run.dir={workspace / 'run_a2'}"], workspace)
+    a = read_points(first_run / "points.csv")
+    b = read_points(workspace / "run_a2" / "points.csv")
+    assert a == b
+
+
+def test_multirun_basic_launcher_sweeps_beta(workspace):
+    sweep = workspace / "sweep"
+    run_cli(["-m", *TINY, "train.steps=1", "eval.every=1", "algo.beta=0.05,1", f"output_root={workspace}",
+             f"hydra.sweep.dir={sweep}"], workspace)
+    betas = sorted(float(read_points(p)[0]["beta"]) for p in sweep.glob("*/points.csv"))
+    assert betas == [0.05, 1.0]
+
+
+@pytest.mark.parametrize("algo", ["ipo", "kto", "simpo", "orpo", "rpo"])
+def test_family_members_train(workspace, algo):
+    run_dir = workspace / f"fam_{algo}"
+    run_cli([*TINY, f"algo={algo}", "train.steps=2", "eval.every=2", "train.save_model=false",
+             f"output_root={workspace}", f"hydra.run.dir={run_dir}"], workspace)
+    rows = read_points(run_dir / "points.csv")
+    assert rows[-1]["loss_type"] == algo and int(rows[-1]["step"]) == 2
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert len(losses) == 2 and all(isinstance(v, float) for v in losses)
+
+
+def test_wandb_offline_run_is_written(workspace):
+    run_dir = workspace / "wb"
+    run_cli([*TINY, "logger=wandb", "train.steps=1", "eval.every=1", "train.save_model=false",
+             f"output_root={workspace}", f"hydra.run.dir={run_dir}"], workspace)
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline and offline[0].stat().st_size > 0
+
+
+def test_missing_dataset_path_is_a_clear_error(workspace):
+    out = run_cli([*TINY, "data.source=/nonexistent/prefs.jsonl", f"output_root={workspace}",
+                   f"hydra.run.dir={workspace / 'bad'}"], workspace, check=False)
+    assert out.returncode == 2
+    assert "/nonexistent/prefs.jsonl" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_user_dataset_file_with_bad_rows_is_counted(workspace, first_run):
+    """A local TRL-format JSONL with bad rows: they are skipped and counted in the log, training proceeds."""
+    (pref_dir,) = sorted((workspace / "cache" / "preferences").glob("[0-9a-f]*"))
+    rows = [json.loads(x) for x in (pref_dir / "pairs.jsonl").read_text().splitlines()][:40]
+    rows += [{"prompt": "a", "chosen": "same", "rejected": "same"}, {"prompt": "b", "chosen": ""},
+             {"prompt": "c", "chosen": 3, "rejected": "x"}]
+    path = workspace / "user_prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = run_cli([*TINY, f"data.source={path}", "train.steps=1", "eval.every=1", "train.save_model=false",
+                   f"output_root={workspace}", f"hydra.run.dir={workspace / 'user'}"], workspace)
+    log_text = out.stdout + out.stderr
+    assert "kept 40/43 rows" in log_text
