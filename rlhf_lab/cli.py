@@ -4,7 +4,8 @@
     rlhf-lab study [study=NAME] [overrides applied to every run]
                                           run a whole study (default: the embedded imdb study) and write its points
 
-User errors (bad config, bad data, missing paths) end with one clear message and exit code 2, never a traceback.
+User errors (bad config, bad data, missing paths) end with one clear message and exit code 2, never a traceback;
+a diverged run (NaN/inf loss) ends with exit code 3 and leaves its run directory incomplete.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from rlhf_lab.trainers.errors import NonFiniteLossError, PreemptedError
 from rlhf_lab.utils.errors import UserError
 
 CONF_DIR = str(Path(__file__).parent / "conf")
 log = logging.getLogger("rlhf_lab")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_app(raw: DictConfig) -> dict | None:
     from rlhf_lab.config import validate_run_config
     from rlhf_lab.study.pipeline import run_alignment
@@ -33,11 +35,15 @@ def train_app(raw: DictConfig) -> dict | None:
         summary = run_alignment(cfg, Path(hc.runtime.output_dir))
         log.info("run complete: %s (points: %s)", hc.runtime.output_dir, Path(hc.runtime.output_dir) / "points.csv")
         return summary
-    except UserError as e:
-        log.error("error: %s", e)
+    except PreemptedError as e:  # SIGTERM/SIGUSR1: checkpoint written, clean exit; rerunning resumes
+        log.warning("%s", e)
+        sys.exit(0)
+    except (UserError, NonFiniteLossError) as e:
+        diverged = isinstance(e, NonFiniteLossError)
+        log.error("%s: %s", "training diverged (lower optim.lr or raise algo.beta)" if diverged else "error", e)
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             return None  # one bad sweep point must not stop the others; its directory stays incomplete
-        sys.exit(2)
+        sys.exit(3 if diverged else 2)
 
 
 def quiet_libraries() -> None:
@@ -63,6 +69,10 @@ def main() -> None:
     except UserError as e:
         print(f"rlhf-lab: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"rlhf-lab: training diverged: {e}. The run directory is left incomplete; lower optim.lr or "
+              f"raise algo.beta and rerun.", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,45 @@ class AlgoConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO with four roles (actor, critic, reference, reward); defaults follow TRL's PPO where it has one."""
+
+    name: str = "ppo"
+    reward: str = "learned"             # learned (reward model, PPO) | gold (task's gold reward, PPO-GT) | callable
+    reward_callable: Optional[str] = None  # "module:function", (prompts, completions) -> scores, for reward=callable
+    kl_coef: float = 0.05               # β of the per-token KL penalty r_t = −β·kl_t (initial value if adaptive)
+    kl_estimator: str = "k1"            # k1 (log-ratio) | k3 ((e^{−k1} − 1) + k1, always ≥ 0)
+    adaptive_kl: bool = False           # Ziegler et al. controller towards target_kl
+    target_kl: float = 6.0              # nats per sequence
+    kl_horizon: int = 10000
+    rollout_batch_size: int = 32        # prompts rolled out per PPO step
+    num_mini_batches: int = 1           # optimiser steps per PPO epoch
+    micro_batch_size: int = 32          # rows per forward/backward (gradient accumulation inside a minibatch)
+    ppo_epochs: int = 4
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 0.7            # applied identically in rollout, reference and training passes
+    response_length: int = 48
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
+    normalize_reward: bool = True       # learned RM: apply its stored gain/bias (SFT samples → mean 0, std 1)
+    whiten_rewards: bool = False        # whiten the per-token rewards (no mean shift)
+    reward_clip: Optional[float] = None # clip scores to [−c, c]
+    critic_init: str = "reward_model"   # reward_model | sft (SFT backbone with a fresh scalar head)
+    actor_lr: float = 3e-6
+    critic_lr: float = 3e-6
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema_reference_decay: Optional[float] = None  # EMA of the policy as reference (Xu et al. 2024); None = frozen SFT
+    checkpoint_every: int = 10          # PPO steps between atomic checkpoints (exact resume)
+
+
+ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig}
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"                 # adamw | rmsprop | sgd
     lr: float = 1e-4
@@ -141,7 +180,8 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     preferences: PreferenceGenConfig = field(default_factory=PreferenceGenConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    algo: Any = None                    # AlgoConfig or PPOConfig, chosen by algo.name (see ALGO_SCHEMAS)
+    reward_model: "RewardModelConfig" = field(default_factory=lambda: RewardModelConfig())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -160,10 +200,35 @@ def _check(cond: bool, key: str, expected: str, value: Any) -> None:
 
 
 def _validate_semantics(cfg: RunConfig) -> None:
+    if isinstance(cfg.algo, PPOConfig):
+        _validate_ppo(cfg.algo)
+    else:
+        _validate_dpo(cfg.algo)
+    _validate_common(cfg)
+
+
+def _validate_ppo(a: PPOConfig) -> None:
+    _check(a.reward in ("learned", "gold", "callable"), "algo.reward", "learned | gold | callable", a.reward)
+    _check(a.reward != "callable" or bool(a.reward_callable), "algo.reward_callable",
+           "'module:function' when algo.reward=callable", a.reward_callable)
+    _check(a.kl_estimator in ("k1", "k3"), "algo.kl_estimator", "k1 | k3", a.kl_estimator)
+    _check(a.kl_coef >= 0, "algo.kl_coef", ">= 0", a.kl_coef)
+    _check(a.target_kl > 0, "algo.target_kl", "> 0", a.target_kl)
+    _check(a.temperature > 0, "algo.temperature", "> 0", a.temperature)
+    _check(a.critic_init in ("reward_model", "sft"), "algo.critic_init", "reward_model | sft", a.critic_init)
+    _check(a.rollout_batch_size % a.num_mini_batches == 0, "algo.rollout_batch_size",
+           f"divisible by algo.num_mini_batches={a.num_mini_batches}", a.rollout_batch_size)
+    mini = a.rollout_batch_size // a.num_mini_batches
+    _check(mini % a.micro_batch_size == 0, "algo.micro_batch_size",
+           f"a divisor of the minibatch size {mini} (rollout_batch_size / num_mini_batches)", a.micro_batch_size)
+    _check(a.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1", a.ppo_epochs)
+    _check(a.ema_reference_decay is None or 0 < a.ema_reference_decay < 1, "algo.ema_reference_decay",
+           "in (0, 1) or null", a.ema_reference_decay)
+
+
+def _validate_dpo(a: AlgoConfig) -> None:
     from rlhf_lab.algos.preference import LOSSES, validate_params
 
-    a = cfg.algo
-    _check(a.name == "dpo", "algo.name", "'dpo'", a.name)
     if a.loss_type not in LOSSES:
         raise ConfigError(
             f"config key 'algo.loss_type': unknown loss {a.loss_type!r}; valid names: {', '.join(sorted(LOSSES))}"
@@ -172,6 +237,9 @@ def _validate_semantics(cfg: RunConfig) -> None:
         validate_params(a.loss_type, loss_params(a))
     except ValueError as e:
         raise ConfigError(f"config group 'algo': {e}") from None
+
+
+def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.optim.name in ("adamw", "rmsprop", "sgd"), "optim.name", "adamw | rmsprop | sgd", cfg.optim.name)
     _check(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
     _check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
@@ -194,6 +262,8 @@ def _validate_semantics(cfg: RunConfig) -> None:
         _check(cfg.model.name_or_path is not None, "model.name_or_path", "a model when task=none", None)
     _check(cfg.model.name_or_path is not None or bool(cfg.model.config), "model.config",
            "architecture kwargs when model.name_or_path is null", cfg.model.config)
+    _check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
+           "a pretrained model when model.sft=false (there is nothing to start from)", None)
 
 
 def loss_params(algo: AlgoConfig):
@@ -207,20 +277,42 @@ def loss_params(algo: AlgoConfig):
     )
 
 
+def _to_schema(schema: type, node, prefix: str):
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"invalid config at key '{prefix}{key}': {msg}") from None
+
+
 def validate_run_config(cfg: DictConfig | dict) -> RunConfig:
     """Merge a composed config into the schema; raise ConfigError naming the offending key."""
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
-        run_cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"invalid config at key '{key}': {msg}") from None
+    algo_raw = raw.get("algo") or OmegaConf.create({})
+    name = algo_raw.get("name", "dpo")
+    if name not in ALGO_SCHEMAS:
+        raise ConfigError(f"config key 'algo.name': unknown algorithm {name!r}; valid: {', '.join(ALGO_SCHEMAS)}")
+    rest = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "algo"])
+    run_cfg: RunConfig = _to_schema(RunConfig, rest, prefix="")
+    run_cfg.algo = _to_schema(ALGO_SCHEMAS[name], algo_raw, prefix="algo.")
     _validate_semantics(run_cfg)
     return run_cfg
 
 
 def to_container(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+@dataclass
+class RewardModelConfig:
+    steps: int = 150                    # optimizer steps of Bradley–Terry training
+    batch_size: int = 32                # pairs per optimizer step (2× rows per forward: chosen then rejected)
+    lr: float = 1e-4                    # AdamW, no weight decay
+    warmup_steps: int = 10              # linear warm-up, then constant
+    max_grad_norm: float = 10.0         # gradient clipping of the RM loop (overrides the strategy's)
+    center_rewards_coefficient: Optional[float] = None  # c·mean((r_c + r_r)²) (0.01 suggested); None = off
+    use_margin: bool = False            # margin = chosen_score − rejected_score (gold gap) when the pairs carry scores
+    eval_fraction: float = 0.1          # share of pairs held out (split by prompt) for pairwise accuracy
+    normalization_samples: int = 256    # SFT samples on train prompts used to fit gain/bias (mean 0, std 1); 0 = none

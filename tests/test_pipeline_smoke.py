@@ -29,8 +29,9 @@ TINY = [
 
 def run_cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "rlhf_lab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=600, env=env)
+    # the installed console script, exactly as users call it (it resolves configs differently from `python -m`)
+    console = Path(sys.executable).with_name("rlhf-lab")
+    out = subprocess.run([str(console), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"rlhf-lab {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out
@@ -166,3 +167,20 @@ def test_user_dataset_file_with_bad_rows_is_counted(workspace, first_run):
                    f"output_root={workspace}", f"hydra.run.dir={workspace / 'user'}"], workspace)
     log_text = out.stdout + out.stderr
     assert "kept 40/43 rows" in log_text
+
+
+def test_bring_your_own_model_and_dataset(workspace, first_run):
+    """task=none: any causal LM by local path, a TRL-format file; evaluation on held-out prompts, KL only."""
+    (sft_dir,) = sorted((workspace / "cache" / "sft").glob("[0-9a-f]*"))
+    (pref_dir,) = sorted((workspace / "cache" / "preferences").glob("[0-9a-f]*"))
+    path = workspace / "byo.jsonl"
+    path.write_text((pref_dir / "pairs.jsonl").read_text())
+    run_dir = workspace / "byo"
+    run_cli(["task=none", "model=hf", f"model.name_or_path={sft_dir}", f"data.source={path}", "logger=none",
+             "data.max_completion_length=13", "train.steps=2", "train.batch_size=8", "train.micro_batch_size=8",
+             "eval.every=2", "eval.num_prompts=6", "eval.max_new_tokens=8", "train.save_model=false",
+             f"output_root={workspace}", f"hydra.run.dir={run_dir}"], workspace)
+    rows = read_points(run_dir / "points.csv")
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert rows[0]["gold_reward_mean"] == ""            # no gold reward without a task
+    assert int(rows[0]["samples"]) == 6 and float(rows[-1]["kl_mean"]) > 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ class EvalResult:
     response_len_mean: float    # completion tokens, eos included
     eos_fraction: float         # share of samples that ended with EOS within max_new_tokens
     temperature: float
+    proxy_reward_mean: float = math.nan  # the training reward (e.g. the learned RM) on the same samples
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
@@ -56,10 +56,23 @@ def decode_samples(tokenizer, seqs: SequenceBatch) -> list[str]:
     return texts
 
 
+def split_samples(tokenizer, seqs: SequenceBatch) -> tuple[list[str], list[str]]:
+    """Prompt texts and completion texts (special tokens dropped), row by row."""
+    prompts = [[t for t, m in zip(r, k) if m] for r, k in
+               zip(seqs.input_ids[:, : seqs.prompt_width].tolist(), seqs.attention_mask[:, : seqs.prompt_width].tolist())]
+    completions = [[t for t, m in zip(r, k) if m] for r, k in
+                   zip(seqs.completion_ids.tolist(), seqs.completion_mask.tolist())]
+    return (tokenizer.batch_decode(prompts, skip_special_tokens=True),
+            tokenizer.batch_decode(completions, skip_special_tokens=True))
+
+
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], gold, cfg: EvalConfig,
-                    autocast=None) -> EvalResult:
-    """Sample cfg.samples_per_prompt completions per prompt from `policy` and score them (see module doc)."""
+                    proxy_reward=None) -> EvalResult:
+    """Sample cfg.samples_per_prompt completions per prompt from `policy` and score them (see module doc).
+
+    `proxy_reward` (a rewards.source.RewardSource, optional) also scores the samples: for PPO the learned reward
+    model, so over-optimisation (proxy up, gold down) shows in the points table."""
     device = next(policy.parameters()).device
     prompts = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -85,10 +98,15 @@ def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], g
     kl_m, kl_s = mean_se(exact)
     kls_m, kls_s = mean_se(sampled)
     g_m, g_s = mean_se(gold_scores)
+    proxy = math.nan
+    if proxy_reward is not None:
+        prompts, completions = split_samples(tokenizer, seqs)
+        scores = proxy_reward.score(prompts, completions, seqs).double().numpy()
+        proxy = float(scores[np.isfinite(scores)].mean()) if np.isfinite(scores).any() else math.nan
     return EvalResult(
         samples=len(seqs), kl_mean=kl_m, kl_se=kl_s, kl_sampled_mean=kls_m, kl_sampled_se=kls_s,
         gold_reward_mean=g_m, gold_reward_se=g_s, response_len_mean=float(lengths.mean()),
-        eos_fraction=float(ended.mean()), temperature=cfg.temperature,
+        eos_fraction=float(ended.mean()), temperature=cfg.temperature, proxy_reward_mean=proxy,
     )
 
 

@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from rlhf_lab.cli import CONF_DIR
 from rlhf_lab.config import validate_run_config
 from rlhf_lab.eval.points import POINT_COLUMNS
+from rlhf_lab.trainers.errors import PreemptedError
 from rlhf_lab.utils.cache import atomic_write_text
 from rlhf_lab.utils.errors import ConfigError
 
@@ -115,6 +116,8 @@ def study_main(args: list[str]) -> int:
         try:
             summary = run_alignment(cfg, run_dir)
             timings[point.run_id] = summary.get("seconds")
+        except PreemptedError:  # the job was asked to stop: the run checkpointed; stop the study too
+            raise
         except Exception as e:  # one failed point must not stop the others; the error is kept with the run
             failures.append(point.run_id)
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,69 @@ def reference_logps_stage(cache_dir: Path, reference_key: str, reference_dir: Pa
 
     stage = cached_stage(cache_dir, "reference_logps", key, build)
     return stage, torch.load(stage.dir / "reference_logps.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- RM
+def reward_model_stage(cache_dir: Path, sft_key: str, sft_dir: Path, prefs_key: str, pairs_path: Path, rm_cfg,
+                       trunc: TruncationConfig, seed: int, device: torch.device, strategy_factory) -> StageOutput:
+    """Bradley–Terry reward model on the preference pairs, initialised from the SFT checkpoint (new head, PPO
+    detail 9), with a gain/bias fitted on SFT samples (detail 6).
+
+    The directory holds an HF sequence-classification checkpoint + tokenizer (`models.heads.load_scalar_model`),
+    `reward_normalization.json` (absent when rm_cfg.normalization_samples = 0) and `rm_info.json` (accuracies,
+    steps, pair counts, skip reports, training history). Held-out pairs: whole prompts, split by `seed`.
+    """
+    from rlhf_lab.data.formats import load_preference_records, parse_pairs
+    from rlhf_lab.data.tokenize import tokenize_pairs
+    from rlhf_lab.models.heads import build_scalar_model, save_scalar_model
+    from rlhf_lab.models.sampling import sample_completions
+    from rlhf_lab.trainers.reward_model import (
+        fit_normalization,
+        margins_from_records,
+        split_pairs_by_prompt,
+        train_reward_model,
+        validate_reward_config,
+    )
+
+    validate_reward_config(rm_cfg)
+    key = {"sft": sft_key, "prefs": prefs_key, "rm": asdict(rm_cfg), "tokenization": asdict(trunc), "seed": seed}
+
+    def build(out: Path) -> None:
+        tokenizer = load_tokenizer(sft_dir)
+        # = load_preference_pairs, keeping the raw records for the gold-score margins
+        records, name = load_preference_records(str(pairs_path))
+        pairs, report = parse_pairs(records, name, tokenizer)
+        tokenized, tok_report = tokenize_pairs(pairs, tokenizer, trunc, source=name)
+        log.info("%s", report.summary())
+        log.info("%s", tok_report.summary())
+        margins = margins_from_records(records) if rm_cfg.use_margin else None
+        train_pairs, eval_pairs = split_pairs_by_prompt(tokenized, rm_cfg.eval_fraction, seed)
+
+        strategy = strategy_factory()
+        model = build_scalar_model(sft_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
+        metrics = train_reward_model(model, tokenizer, train_pairs, eval_pairs, rm_cfg, strategy, seed, margins)
+        reward_model = strategy.unwrap().eval()
+
+        normalization = None
+        if rm_cfg.normalization_samples > 0:
+            generator = torch.Generator().manual_seed(seed)
+            prompts = list(dict.fromkeys(tuple(p.prompt_ids) for p in train_pairs))   # distinct, in data order
+            order = torch.randperm(len(prompts), generator=generator).tolist()
+            chosen = [list(prompts[order[i % len(order)]]) for i in range(rm_cfg.normalization_samples)]
+            sft = load_causal_lm(sft_dir).to(device).eval()
+            samples = sample_completions(sft, chosen, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                         max_new_tokens=trunc.max_completion_length, temperature=1.0,
+                                         generator=generator)
+            del sft
+            normalization = fit_normalization(
+                reward_model, samples,
+                fitted_on=f"{len(samples)} SFT samples (temperature 1, ≤{trunc.max_completion_length} tokens) on "
+                          f"{min(len(prompts), len(samples))} train-pair prompts")
+        if strategy.is_main:
+            save_scalar_model(reward_model, tokenizer, out, normalization)
+            info = {**metrics, "total_pairs": len(tokenized), "normalization": normalization,
+                    "parse_report": report.summary(), "tokenize_report": tok_report.summary()}
+            (out / "rm_info.json").write_text(json.dumps(info, indent=2, default=str))
+        strategy.barrier()
+
+    return cached_stage(cache_dir, "reward_model", key, build)

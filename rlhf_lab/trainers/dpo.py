@@ -23,13 +23,10 @@ from rlhf_lab.data.collate import batches, collate_pairs, collate_unpaired
 from rlhf_lab.eval.points import PointsWriter, RunIdentity, point_row
 from rlhf_lab.eval.policy_eval import evaluate_policy
 from rlhf_lab.models.logprobs import completion_logits, sequence_logps, token_logps_from_logits
+from rlhf_lab.trainers.errors import NonFiniteLossError
 from rlhf_lab.trainers.optim import build_optimizer, warmup_schedule
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the run stops and keeps its last good state."""
 
 
 @dataclass
@@ -75,11 +72,13 @@ class DPOTrainer:
     def train(self) -> dict:
         self.evaluate(step=0)
         stream = self._micro_batch_stream()
-        started, last = time.time(), {}
+        train_seconds, last = 0.0, {}
         for step in range(1, self.train_cfg.steps + 1):
             self.policy.train()
+            started = time.perf_counter()
             metrics = self._optimizer_step(stream)
-            metrics["train/pairs_per_s"] = step * self.train_cfg.batch_size / (time.time() - started)
+            train_seconds += time.perf_counter() - started
+            metrics["train/pairs_per_s"] = step * self.train_cfg.batch_size / train_seconds  # evaluation excluded
             self.logger.log(metrics, step)
             last = metrics
             if step % self.eval_cfg.every == 0 or step == self.train_cfg.steps:

@@ -1,0 +1,93 @@
+"""One PPO / PPO-GT run: cached stages (task, SFT, and for a learned reward the preferences and reward model),
+the four roles built by one builder, then the PPO loop with the same evaluation as every other method."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_lab.config import PPOConfig, RunConfig
+from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt
+from rlhf_lab.distributed.strategy import make_strategy
+from rlhf_lab.models.build import frozen_copy, load_causal_lm, load_tokenizer
+from rlhf_lab.models.heads import build_scalar_model, init_scalar_head, load_scalar_model
+from rlhf_lab.rewards.source import CallableRewardSource, GoldRewardSource, LearnedRewardSource
+from rlhf_lab.study import stages
+from rlhf_lab.trainers.optim import warmup_schedule
+from rlhf_lab.trainers.ppo import PPOTrainer, PromptSet
+from rlhf_lab.trainers.ppo_rollout import PPOModels
+from rlhf_lab.utils.errors import ConfigError
+
+
+def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokenizer, gold, device) -> tuple:
+    """Actor and reference from SFT; critic from the reward model (or SFT + fresh head); the reward source.
+    Returns (models, eval_reference): KL is always evaluated against the frozen SFT model, even with an EMA
+    reference in the penalty."""
+    a: PPOConfig = cfg.algo
+    actor = load_causal_lm(sft_dir)
+    reference = frozen_copy(actor)
+    eval_reference = frozen_copy(actor) if a.ema_reference_decay is not None else reference
+    if a.critic_init == "reward_model":
+        critic, _ = load_scalar_model(rm_dir)
+    else:
+        critic = build_scalar_model(sft_dir, torch.float32, init_head=False)
+        # an explicit generator: the head must not depend on how much global RNG the (cached or not) stages used
+        init_scalar_head(critic, generator=torch.Generator().manual_seed(cfg.seed))
+    if a.reward == "learned":
+        rm, normalization = load_scalar_model(rm_dir)
+        rm.requires_grad_(False)
+        reward = LearnedRewardSource(rm.to(device), load_tokenizer(rm_dir), tokenizer, normalization, device,
+                                     apply_normalization=a.normalize_reward)
+    elif a.reward == "gold":
+        if gold is None:
+            raise ConfigError("algo.reward=gold (PPO-GT) needs a task with a gold reward (task=imdb)")
+        reward = GoldRewardSource(gold)
+    else:
+        reward = CallableRewardSource(a.reward_callable)
+    for frozen in (reference, eval_reference):
+        frozen.to(device)
+    return PPOModels(actor, critic, reference, reward), eval_reference
+
+
+def train_ppo(cfg: RunConfig, ctx) -> dict:
+    a: PPOConfig = cfg.algo
+    if cfg.task.name != "imdb":
+        raise ConfigError("PPO currently needs task=imdb (prompts and, for PPO-GT, the gold reward come from it)")
+    mini = a.rollout_batch_size // a.num_mini_batches
+    accum = mini // a.micro_batch_size
+    actor_s = make_strategy(cfg.train.device, cfg.train.precision, accum, a.max_grad_norm)
+    critic_s = make_strategy(cfg.train.device, cfg.train.precision, accum, a.max_grad_norm)
+    cache, device, times = Path(cfg.cache_dir), actor_s.device, {}
+    task = stages.build_task(cfg.task, cfg.reward.gold, cache)
+    make = lambda: make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm)  # noqa: E731
+    sft = stages.sft_stage(cache, task, task.key, cfg.model, cfg.sft, cfg.task.seed, make)
+    times["sft"] = sft.seconds
+    rm_dir = None
+    if a.reward == "learned" or a.critic_init == "reward_model":
+        prefs = stages.preference_stage(cache, task, sft.key, sft.dir, cfg.preferences, cfg.reward.gold,
+                                        cfg.task.seed, device)
+        trunc = TruncationConfig(cfg.data.max_prompt_length, cfg.data.max_completion_length, cfg.data.truncation)
+        rm = stages.reward_model_stage(cache, sft.key, sft.dir, prefs.key, prefs.dir / "pairs.jsonl",
+                                       cfg.reward_model, trunc, cfg.task.seed, device, make)
+        times.update(preferences=prefs.seconds, reward_model=rm.seconds)
+        rm_dir = rm.dir
+    tokenizer = load_tokenizer(sft.dir)
+    models, eval_reference = build_ppo_models(cfg, sft.dir, rm_dir, tokenizer, task.gold, device)
+    models.actor = _setup(actor_s, models.actor, a.actor_lr, a.warmup_steps)
+    models.critic = _setup(critic_s, models.critic, a.critic_lr, a.warmup_steps)
+    train_prompts = PromptSet([encode_prompt(tokenizer, p) for p in task.train_prompts], list(task.train_prompts))
+    test = task.test_prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else task.test_prompts
+    eval_prompts = PromptSet([encode_prompt(tokenizer, p) for p in test], list(test))
+    trainer = PPOTrainer(models, tokenizer, train_prompts, eval_prompts, eval_reference, task.gold, a, cfg.eval,
+                         cfg.train.steps, actor_s, critic_s, ctx.logger, ctx.points, ctx.identity, ctx.run_dir,
+                         cfg.seed)
+    final = trainer.train()
+    if cfg.train.save_model:
+        actor_s.save_model(ctx.run_dir / "model", tokenizer)
+    return {"stage_seconds": times, "final_train_metrics": final,
+            "reward_model": None if rm_dir is None else str(rm_dir)}
+
+
+def _setup(strategy, model, lr: float, warmup: int):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return strategy.setup(model, optimizer, warmup_schedule(optimizer, warmup))

@@ -1,0 +1,262 @@
+"""Reward-model training (Bradley–Terry on preference pairs) and reward normalisation for PPO.
+
+Loss (REFERENCE.md, "Bradley–Terry RM"; TRL RewardTrainer): `-logσ(r_c − r_r − margin) + c·mean((r_c + r_r)²)`,
+from `rlhf_lab.algos.reward.bradley_terry_loss`. Each micro-batch is ONE forward pass over 2B rows built by
+`collate_pairs` (rows [0, B) chosen, [B, 2B) rejected); the reward is read at each row's last real token
+(`models.heads.sequence_scores`). Accuracy = mean(r_c > r_r), ties counting as wrong (as in the loss's stats).
+
+After training, `fit_normalization` scores SFT samples and fits gain/bias so they have mean 0 and std 1 under
+the RM (PPO detail 6); the PPO loop applies `algos.reward.normalize_rewards(score, gain, bias)`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_lab.algos.reward import bradley_terry_loss, fit_reward_normalization
+from rlhf_lab.config import RewardModelConfig
+from rlhf_lab.data.batches import SequenceBatch, TokenizedPair
+from rlhf_lab.data.collate import batches, collate_pairs
+from rlhf_lab.models.heads import sequence_scores
+from rlhf_lab.trainers.errors import NonFiniteLossError
+from rlhf_lab.trainers.optim import warmup_schedule
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY = 10                  # training metrics go to log_fn every N optimizer steps (and at the last step)
+TRAIN_ACCURACY_MAX_PAIRS = 2048  # train accuracy is measured on at most this many train pairs (a seeded subset)
+EVAL_BATCH_PAIRS = 64           # pairs per no-grad scoring pass
+
+
+def validate_reward_config(cfg: RewardModelConfig) -> None:
+    checks = [
+        (cfg.steps >= 1, "steps", ">= 1", cfg.steps),
+        (cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size),
+        (cfg.lr > 0, "lr", "> 0", cfg.lr),
+        (cfg.warmup_steps >= 0, "warmup_steps", ">= 0", cfg.warmup_steps),
+        (cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "max_grad_norm", "> 0 or null", cfg.max_grad_norm),
+        (cfg.center_rewards_coefficient is None or cfg.center_rewards_coefficient >= 0,
+         "center_rewards_coefficient", ">= 0 or null", cfg.center_rewards_coefficient),
+        (0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "in [0, 1)", cfg.eval_fraction),
+        (cfg.normalization_samples == 0 or cfg.normalization_samples >= 2, "normalization_samples",
+         "0 (off) or >= 2", cfg.normalization_samples),
+    ]
+    for ok, key, expected, value in checks:
+        if not ok:
+            raise ValueError(f"reward_model.{key}: expected {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair],
+                       cfg: RewardModelConfig, strategy, seed: int, margins: dict[int, float] | None = None,
+                       log_fn: Callable[[dict, int], None] | None = None) -> dict:
+    """Train `model` (a scalar model from `models.heads`) in place for cfg.steps optimizer steps; return metrics.
+
+    margins: pair index (TokenizedPair.index) -> required reward gap; used only when cfg.use_margin (a warning is
+    logged when use_margin is set but no margins were given). Each optimizer step sees cfg.batch_size pairs in
+    strategy.grad_accum micro-batches. The strategy's clipping is set to cfg.max_grad_norm.
+    Returned keys: train_loss/train_batch_accuracy (last step), eval_accuracy/eval_loss (held-out, before:
+    initial_eval_*), train_accuracy (subset of ≤ TRAIN_ACCURACY_MAX_PAIRS train pairs), steps, train_pairs,
+    eval_pairs, seconds, history (logged steps).
+    """
+    validate_reward_config(cfg)
+    accum = strategy.grad_accum
+    if cfg.batch_size % accum:
+        raise ValueError(f"reward_model.batch_size={cfg.batch_size} is not a multiple of grad_accum={accum}")
+    micro = cfg.batch_size // accum
+    if len(train_pairs) < micro:
+        raise ValueError(f"only {len(train_pairs)} training pairs for a micro-batch of {micro} pairs")
+    if cfg.use_margin and margins is None:
+        log.warning("reward_model.use_margin is set but the pairs carry no scores: training without a margin")
+    margins = margins if cfg.use_margin else None
+    if margins is not None:
+        missing = [p.index for p in train_pairs if p.index not in margins]
+        if missing:
+            raise ValueError(f"no margin for {len(missing)} training pairs (e.g. rows {missing[:5]})")
+
+    pad_id = tokenizer.pad_token_id
+    strategy.max_grad_norm = cfg.max_grad_norm
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    model = strategy.setup(model, optimizer, warmup_schedule(optimizer, cfg.warmup_steps))
+    device = strategy.device
+
+    def evaluate(pairs):
+        with strategy.autocast():
+            return evaluate_reward_model(strategy.unwrap(model), pairs, pad_id, device=device)
+
+    initial = evaluate(eval_pairs) if eval_pairs else {}
+    generator = torch.Generator().manual_seed(seed)
+    stream = _micro_batches(train_pairs, micro, generator)
+    history, last, started = [], {}, time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        model.train()
+        totals: dict[str, float] = {}
+        for _ in range(accum):
+            with strategy.autocast():
+                loss, stats = pair_loss(model, next(stream), pad_id, device, margins, cfg.center_rewards_coefficient)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"reward-model loss became {loss.item()} at step {step}; stopping")
+            strategy.backward(loss)
+            result = strategy.step()
+            for k, v in {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}.items():
+                totals[f"rm/{k}"] = totals.get(f"rm/{k}", 0.0) + v / accum
+        totals["rm/grad_norm"] = result.grad_norm
+        totals["rm/lr"] = strategy.optimizer.param_groups[0]["lr"]
+        last = totals
+        if step % LOG_EVERY == 0 or step == cfg.steps:
+            totals["rm/pairs_per_s"] = step * cfg.batch_size / (time.perf_counter() - started)
+            history.append({"step": step, **totals})
+            log.info("rm step %d/%d: loss %.4f, batch accuracy %.3f", step, cfg.steps, totals["rm/loss"],
+                     totals["rm/accuracy"])
+            if log_fn is not None:
+                log_fn(dict(totals), step)
+    seconds = time.perf_counter() - started
+    model.eval()
+
+    final = evaluate(eval_pairs) if eval_pairs else {}
+    order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    train_subset = [train_pairs[i] for i in sorted(order[:TRAIN_ACCURACY_MAX_PAIRS])]
+    train_eval = evaluate(train_subset)
+    metrics = {
+        "steps": cfg.steps, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "seconds": seconds,
+        "train_loss": last["rm/loss"], "train_batch_accuracy": last["rm/accuracy"],
+        "train_accuracy": train_eval["accuracy"], "train_accuracy_pairs": len(train_subset),
+        "eval_accuracy": final.get("accuracy"), "eval_loss": final.get("loss"),
+        "eval_margin": final.get("margin"),
+        "initial_eval_accuracy": initial.get("accuracy"), "initial_eval_loss": initial.get("loss"),
+        "margin_used": margins is not None, "history": history,
+    }
+    if log_fn is not None:
+        log_fn({f"rm/{k}": v for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}, cfg.steps)
+    log.info("reward model: held-out accuracy %s (was %s), train accuracy %.3f", _fmt(final.get("accuracy")),
+             _fmt(initial.get("accuracy")), train_eval["accuracy"])
+    return metrics
+
+
+def pair_loss(model, items: Sequence[TokenizedPair], pad_id: int, device, margins: dict[int, float] | None,
+              center_rewards_coefficient: float | None) -> tuple[torch.Tensor, dict]:
+    """Bradley–Terry loss of one micro-batch: one forward pass over its 2B rows (chosen then rejected)."""
+    batch = collate_pairs(items, pad_id).to(device)
+    scores = sequence_scores(model, batch.sequences)
+    b = batch.num_pairs
+    margin = None
+    if margins is not None:
+        margin = torch.tensor([margins[int(i)] for i in batch.indices.tolist()], dtype=scores.dtype, device=device)
+    return bradley_terry_loss(scores[:b], scores[b:], margin=margin,
+                              center_rewards_coefficient=center_rewards_coefficient)
+
+
+def _micro_batches(items: list, size: int, generator: torch.Generator) -> Iterator[list]:
+    """Endless shuffled micro-batches, reshuffled each epoch, deterministic under the seed."""
+    while True:
+        yield from batches(items, size, shuffle=True, generator=generator, drop_last=True)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def split_pairs_by_prompt(pairs: Sequence[TokenizedPair], eval_fraction: float, seed: int
+                          ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """(train, held-out): whole prompts are held out (all pairs of a prompt on one side, so held-out completions
+    were never seen in training), chosen in a seeded random order until ≥ eval_fraction of the pairs are held out.
+    Both sides keep the input order. eval_fraction = 0 holds nothing out; at least one prompt stays in train."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(tuple(p.prompt_ids), []).append(i)
+    keys = list(groups)
+    target = math.ceil(eval_fraction * len(pairs))
+    held: set[int] = set()
+    if target > 0 and len(keys) > 1:
+        for k in torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()[:-1]:
+            if len(held) >= target:
+                break
+            held.update(groups[keys[k]])
+    train = [p for i, p in enumerate(pairs) if i not in held]
+    return train, [p for i, p in enumerate(pairs) if i in held]
+
+
+def margins_from_records(records: Sequence[dict]) -> dict[int, float] | None:
+    """Row -> chosen_score − rejected_score (the gold gap written by preference generation), or None unless every
+    row carries both scores as numbers."""
+    out = {}
+    for row, rec in enumerate(records):
+        c, r = rec.get("chosen_score"), rec.get("rejected_score")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (c, r)):
+            return None
+        out[row] = float(c) - float(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_reward_model(model, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int = EVAL_BATCH_PAIRS,
+                          device=None) -> dict:
+    """Pairwise accuracy mean(r_c > r_r), BT loss −logσ(r_c − r_r) (no margin), mean margin and mean rewards."""
+    if not pairs:
+        raise ValueError("evaluate_reward_model: no pairs")
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for chunk in batches(list(pairs), batch_size):
+        batch = collate_pairs(chunk, pad_id).to(device)
+        scores = sequence_scores(model, batch.sequences).float().cpu()
+        chosen.append(scores[: len(chunk)])
+        rejected.append(scores[len(chunk):])
+    model.train(was_training)
+    c, r = torch.cat(chosen).double(), torch.cat(rejected).double()
+    return {
+        "accuracy": float((c > r).double().mean()), "loss": float(-F.logsigmoid(c - r).mean()),
+        "margin": float((c - r).mean()), "chosen_mean": float(c.mean()), "rejected_mean": float(r.mean()),
+        "pairs": len(pairs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- normalisation
+@torch.no_grad()
+def score_sequences(model, seqs: SequenceBatch, batch_size: int = 128) -> torch.Tensor:
+    """Scores of every row of `seqs` (read at the last real token), in no-grad chunks: (N,) float32 on CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        out.append(sequence_scores(model, _rows(seqs, start, start + batch_size).to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def fit_normalization(model, seqs: SequenceBatch, batch_size: int = 128,
+                      fitted_on: str | None = None) -> dict:
+    """Score SFT samples and fit gain/bias so that gain·score + bias has mean 0 and std 1 on them (PPO detail 6).
+
+    Returns {gain, bias, fitted_on, num_samples, raw_mean, raw_std} — the dict `save_scalar_model` stores.
+    """
+    scores = score_sequences(model, seqs, batch_size)
+    gain, bias = fit_reward_normalization(scores)
+    n = int(scores.numel())
+    return {
+        "gain": gain, "bias": bias, "fitted_on": fitted_on or f"{n} sequences", "num_samples": n,
+        "raw_mean": float(scores.double().mean()), "raw_std": float(scores.double().std(unbiased=False)),
+    }
+
+
+def _rows(seqs: SequenceBatch, start: int, end: int) -> SequenceBatch:
+    """Rows [start, end), with completion columns that are padding in every kept row trimmed off."""
+    mask = seqs.completion_mask[start:end]
+    width = int(mask.sum(-1).max().item()) if mask.numel() else 0
+    keep = seqs.prompt_width + max(width, 1 if seqs.completion_width else 0)
+    return replace(seqs, input_ids=seqs.input_ids[start:end, :keep],
+                   attention_mask=seqs.attention_mask[start:end, :keep],
+                   completion_mask=mask[:, : keep - seqs.prompt_width])
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
