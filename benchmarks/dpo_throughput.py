@@ -16,6 +16,9 @@ Contestants:
                   `study.stages.reference_logps_stage`: in rlhf_lab that table is cached per (reference, dataset,
                   tokenisation) and shared by every run of a β sweep, so a training step never runs the reference.
                   Its one-off cost (s, and pairs/s over the dataset) is reported separately.
+  rlhf_lab_compiled  the same with train.compile=true: torch.compile on the training forward, batches padded to
+                  the dataset's widest prompt/completion so it compiles once (compile time lands in the warm-up
+                  steps and is reported as warmup_s, not hidden).
   trl_shipped     TRL 1.16 DPOTrainer as shipped: reference forward every step, activation checkpointing on (its default).
   trl             TRL 1.16 DPOTrainer, reference forward every step, activation checkpointing off.
   trl_precompute  TRL with precompute_ref_log_probs=True (precompute time reported, excluded from the step figure).
@@ -46,7 +49,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-CONTESTANTS = ("rlhf_lab", "trl_shipped", "trl", "trl_precompute", "torch_bare")
+CONTESTANTS = ("rlhf_lab", "rlhf_lab_compiled", "trl_shipped", "trl", "trl_precompute", "torch_bare")
 PROMPT_LEN, COMPLETION_WORDS, PAIRS_PER_STEP = 16, 47, 16
 COMPLETION_LEN = COMPLETION_WORDS + 1  # + eos
 NUM_WORDS, SPECIALS = 8188, ["<unk>", "<pad>", "<eos>", "<bos>"]
@@ -161,7 +164,8 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     inputs = DPOInputs(policy, reference, tok, tokenized, table, [], None, identity)
     trainer = DPOTrainer(inputs, AlgoConfig(loss_type="sigmoid", beta=BETA), OptimConfig(name="adamw", lr=LR),
                          TrainConfig(batch_size=PAIRS_PER_STEP, micro_batch_size=PAIRS_PER_STEP,
-                                     precision=args.precision), EvalConfig(), strategy, logger, points, SEED)
+                                     precision=args.precision, compile=args.child == "rlhf_lab_compiled"),
+                         EvalConfig(), strategy, logger, points, SEED)
     stream = trainer._micro_batch_stream()
     times = []
     reset_peak_rss()
@@ -176,6 +180,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     logger.close()
     timed = times[args.warmup:]
     return {**summarise(timed, sum(timed), args.steps), "threads": torch.get_num_threads(),
+            "warmup_s": sum(times[:args.warmup]),
             "reference_table_s": ref_stage.seconds, "reference_table_pairs_per_s": len(pairs) / ref_stage.seconds,
             "final_loss": metrics["train/loss"]}
 
@@ -286,6 +291,7 @@ def run_torch_bare(root: Path, args, work: Path) -> dict:
         save_progress(args, times)
     timed = times[args.warmup:]
     return {**summarise(timed, sum(timed), args.steps), "threads": torch.get_num_threads(),
+            "warmup_s": sum(times[:args.warmup]),
             "final_loss": loss.item()}
 
 
@@ -298,7 +304,8 @@ def child_main(args) -> None:
         result = run_trl(root, args, work, precompute=args.child == "trl_precompute",
                          checkpointing=args.child == "trl_shipped")
     else:
-        result = {"rlhf_lab": run_rlhf_lab, "torch_bare": run_torch_bare}[args.child](root, args, work)
+        runner = {"rlhf_lab": run_rlhf_lab, "rlhf_lab_compiled": run_rlhf_lab, "torch_bare": run_torch_bare}
+        result = runner[args.child](root, args, work)
     result["peak_rss_mib"] = max(rss_peak_mib(), PEAK.get("setup", 0.0))
     if PEAK.get("reset"):
         result.update(peak_rss_setup_mib=PEAK["setup"], peak_rss_steps_mib=rss_peak_mib())
@@ -357,8 +364,9 @@ def ratios(results: list[dict]) -> dict:
     ok = [r for r in results if r["status"] == "ok"]
     best = lambda pred: max((r for r in ok if pred(r)), key=lambda r: r["pairs_per_s"], default=None)
     trl = best(lambda r: r["contestant"].startswith("trl"))
-    ours_fp32 = best(lambda r: r["contestant"] == "rlhf_lab" and r["precision"] == "fp32")
-    ours = best(lambda r: r["contestant"] == "rlhf_lab")
+    ours_fp32 = best(lambda r: r["contestant"].startswith("rlhf_lab") and r["precision"] == "fp32")
+    ours = best(lambda r: r["contestant"].startswith("rlhf_lab"))
+    shipped = best(lambda r: r["contestant"] == "trl_shipped")
     label = lambda r: f"{r['contestant']} {r['precision']}"
     out = {}
     if trl and ours_fp32:
@@ -366,6 +374,8 @@ def ratios(results: list[dict]) -> dict:
     if trl and ours:
         out["best_rlhf_lab_over_best_trl"] = ours["pairs_per_s"] / trl["pairs_per_s"]
         out["best_rlhf_lab"], out["best_trl"] = label(ours), label(trl)
+    if shipped and ours:
+        out["best_rlhf_lab_over_trl_as_shipped"] = ours["pairs_per_s"] / shipped["pairs_per_s"]
     return out
 
 

@@ -73,6 +73,9 @@ def main() -> None:
         print(f"rlhf-lab: training diverged: {e}. The run directory is left incomplete; lower optim.lr or "
               f"raise algo.beta and rerun.", file=sys.stderr)
         sys.exit(3)
+    except PreemptedError as e:
+        print(f"rlhf-lab: {e}", file=sys.stderr)
+        sys.exit(0)
 
 
 if __name__ == "__main__":

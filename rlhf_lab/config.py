@@ -149,6 +149,8 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     save_model: bool = True             # save the final policy (HF format) in the run directory
     threads: Optional[int] = None       # torch intra-op threads on CPU; None = torch default
+    compile: bool = False               # torch.compile the policy's training forward (DPO family); batches are
+                                        # padded to data.max_prompt_length / max_completion_length so it compiles once
 
 
 @dataclass

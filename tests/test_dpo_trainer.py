@@ -98,3 +98,28 @@ def test_nan_loss_stops_the_run(tiny_model, tiny_tokenizer, tmp_path):
     trainer, _, _ = build_trainer(tiny_model, tiny_tokenizer, tmp_path, table=table)
     with pytest.raises(NonFiniteLossError, match="loss became nan"):
         trainer.train()
+
+
+def test_fixed_width_collation_pads_to_the_dataset_maximum():
+    from rlhf_lab.data.collate import collate_sequences
+
+    seqs = collate_sequences([[5, 6]], [[7]], pad_id=1, min_widths=(4, 3))
+    assert seqs.input_ids.tolist() == [[1, 1, 5, 6, 7, 1, 1]]
+    assert seqs.completion_mask.tolist() == [[1.0, 0.0, 0.0]]
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_matches_eager(tiny_model, tiny_tokenizer, tmp_path):
+    eager, _, pairs = build_trainer(tiny_model, tiny_tokenizer, tmp_path / "e")
+    trainer, _, _ = build_trainer(tiny_model, tiny_tokenizer, tmp_path / "c")
+    trainer.train_cfg.compile = True
+    trainer.train_model = torch.compile(trainer.policy)
+    from rlhf_lab.trainers.dpo import fixed_widths
+
+    trainer.min_widths = fixed_widths(pairs)
+    with torch.no_grad():
+        for p in list(eager.policy.parameters()) + list(trainer.policy.parameters()):
+            p.add_(0.01)
+    loss_e, _ = eager.compute_loss(pairs[:4])
+    loss_c, _ = trainer.compute_loss(pairs[:4])
+    assert abs(loss_e.item() - loss_c.item()) < 1e-4

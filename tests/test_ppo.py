@@ -116,6 +116,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(workspace):
     assert "checkpointed at step" in out + err
     assert list((run_dir / "checkpoints").glob("step-*/_COMPLETE"))
     assert not (run_dir / "_COMPLETE").exists()
+    # resuming that checkpoint under a different configuration is refused, not silently mixed
+    changed = run(workspace, run_dir, "algo=ppo_gt", "train.steps=50", "algo.checkpoint_every=100",
+                  "algo.actor_lr=0.001", check=False)
+    assert changed.returncode == 2
+    assert "different configuration" in changed.stdout + changed.stderr
 
 
 def test_nonfinite_rewards_are_counted_and_excluded(workspace):

@@ -23,9 +23,12 @@ T = TypeVar("T")
 
 
 def collate_sequences(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+    min_widths: tuple[int, int] | None = None,
 ) -> SequenceBatch:
-    """Prompts left-padded to P = longest prompt, completions right-padded to C = longest completion."""
+    """Prompts left-padded to P = longest prompt, completions right-padded to C = longest completion.
+
+    min_widths=(P0, C0) pads to at least those widths: fixed shapes let a compiled model compile once."""
     if len(prompts) != len(completions):
         raise ValueError(f"collate_sequences: {len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
@@ -33,6 +36,8 @@ def collate_sequences(
     n = len(prompts)
     P = max(len(p) for p in prompts)
     C = max(len(c) for c in completions)
+    if min_widths is not None:
+        P, C = max(P, min_widths[0]), max(C, min_widths[1])
     input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, P + C), dtype=torch.long)
     completion_mask = torch.zeros((n, C), dtype=torch.float32)
@@ -50,7 +55,8 @@ def collate_sequences(
 
 
 def collate_pairs(
-    items: Sequence[TokenizedPair], pad_id: int, reference_logps: torch.Tensor | None = None
+    items: Sequence[TokenizedPair], pad_id: int, reference_logps: torch.Tensor | None = None,
+    min_widths: tuple[int, int] | None = None,
 ) -> PreferenceBatch:
     """Rows [0, B) chosen, [B, 2B) rejected, same prompts; one policy forward pass scores both halves.
 
@@ -61,7 +67,7 @@ def collate_pairs(
         raise ValueError("collate_pairs: empty batch")
     prompts = [it.prompt_ids for it in items]
     seqs = collate_sequences(
-        prompts + prompts, [it.chosen_ids for it in items] + [it.rejected_ids for it in items], pad_id
+        prompts + prompts, [it.chosen_ids for it in items] + [it.rejected_ids for it in items], pad_id, min_widths
     )
     indices = torch.tensor([it.index for it in items], dtype=torch.long)
     ref = None

@@ -53,6 +53,7 @@ class PointsWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", newline="", buffering=1)
         self._writer = csv.DictWriter(self._file, fieldnames=POINT_COLUMNS)

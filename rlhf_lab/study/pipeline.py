@@ -1,4 +1,4 @@
-"""One alignment run, end to end: cached stages → DPO-family training with evaluation → points in the run dir.
+"""One alignment run, end to end: cached stages → training (DPO family or PPO) with evaluation → points in the run dir.
 
 This is the only place that sees the whole `RunConfig`; each component receives its own group.
 """
@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lab.config import PPOConfig, RunConfig
+from rlhf_lab.config import PPOConfig, RunConfig, to_container
 from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt
 from rlhf_lab.distributed.strategy import make_strategy
 from rlhf_lab.models.build import frozen_copy, load_causal_lm, load_tokenizer
@@ -16,6 +16,7 @@ from rlhf_lab.study import stages
 from rlhf_lab.trainers.optim import warmup_schedule
 from rlhf_lab.trainers.ppo import PPOTrainer, PromptSet
 from rlhf_lab.trainers.ppo_rollout import PPOModels
+from rlhf_lab.utils.cache import stable_hash
 from rlhf_lab.utils.errors import ConfigError
 
 
@@ -80,12 +81,22 @@ def train_ppo(cfg: RunConfig, ctx) -> dict:
     eval_prompts = PromptSet([encode_prompt(tokenizer, p) for p in test], list(test))
     trainer = PPOTrainer(models, tokenizer, train_prompts, eval_prompts, eval_reference, task.gold, a, cfg.eval,
                          cfg.train.steps, actor_s, critic_s, ctx.logger, ctx.points, ctx.identity, ctx.run_dir,
-                         cfg.seed)
+                         cfg.seed, config_hash=resume_key(cfg))
     final = trainer.train()
     if cfg.train.save_model:
         actor_s.save_model(ctx.run_dir / "model", tokenizer)
     return {"stage_seconds": times, "final_train_metrics": final,
             "reward_model": None if rm_dir is None else str(rm_dir)}
+
+
+def resume_key(cfg: RunConfig) -> str:
+    """What must match for a checkpoint to be resumed: everything but bookkeeping that cannot change the maths
+    (the step budget may grow, so a finished run can be extended)."""
+    resolved = to_container(cfg)
+    resolved["train"] = {k: v for k, v in resolved["train"].items() if k != "steps"}
+    for key in ("force", "logger", "run_id", "study", "output_root", "cache_dir"):
+        resolved.pop(key, None)
+    return stable_hash(resolved)
 
 
 def _setup(strategy, model, lr: float, warmup: int):

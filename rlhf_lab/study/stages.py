@@ -13,11 +13,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from rlhf_lab.config import DataConfig, ModelConfig, PreferenceGenConfig, SFTConfig, TaskConfig
+from rlhf_lab.config import ModelConfig, PreferenceGenConfig, SFTConfig, TaskConfig
 from rlhf_lab.data.batches import TokenizedPair
 from rlhf_lab.data.collate import collate_pairs
 from rlhf_lab.data.tokenize import TruncationConfig

@@ -30,6 +30,7 @@ class RunLogger:
         self._wandb_run = None
         if not is_main:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
         if cfg.name == "wandb" and cfg.mode != "disabled":
             self._wandb_run = self._init_wandb(Path(run_dir), cfg, run_config, name, group, tags)

@@ -8,7 +8,6 @@ evaluation (KL on the policy's samples) and by KTO's mismatched-pair baseline.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -52,6 +51,13 @@ def unpair(pairs: list[TokenizedPair]) -> list[TokenizedUnpaired]:
     return rows
 
 
+def fixed_widths(pairs: list[TokenizedPair]) -> tuple[int, int]:
+    """The widest prompt and completion in the dataset: one batch shape for the whole run."""
+    prompt = max(len(p.prompt_ids) for p in pairs)
+    completion = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    return prompt, completion
+
+
 class DPOTrainer:
     def __init__(self, inputs: DPOInputs, algo: AlgoConfig, optim: OptimConfig, train: TrainConfig,
                  eval_cfg: EvalConfig, strategy, logger, points: PointsWriter, seed: int):
@@ -60,6 +66,9 @@ class DPOTrainer:
         self.strategy, self.logger, self.points = strategy, logger, points
         optimizer = build_optimizer(inputs.policy.parameters(), optim)
         self.policy = strategy.setup(inputs.policy, optimizer, warmup_schedule(optimizer, optim.warmup_steps))
+        # the compiled module shares the policy's parameters; evaluation keeps using the eager module
+        self.train_model = torch.compile(self.policy) if train.compile else self.policy
+        self.min_widths = fixed_widths(inputs.train_pairs) if train.compile else None
         self.reference = strategy.place(inputs.reference)
         self.generator = torch.Generator().manual_seed(seed)
         self.unpaired = algo.loss_type in UNPAIRED_LOSSES
@@ -111,12 +120,13 @@ class DPOTrainer:
         if self.unpaired:
             return self._unpaired_loss(collate_unpaired(items, self.inputs.tokenizer.pad_token_id))
         table = None if self.algo.loss_type in REFERENCE_FREE_LOSSES else self.inputs.reference_table
-        batch = collate_pairs(items, self.inputs.tokenizer.pad_token_id, table).to(self.strategy.device)
+        batch = collate_pairs(items, self.inputs.tokenizer.pad_token_id, table, self.min_widths)
+        batch = batch.to(self.strategy.device)
         return self._paired_loss(batch)
 
     def _paired_loss(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
         seqs, b = batch.sequences, batch.num_pairs
-        logits = completion_logits(self.policy, seqs)                   # (2B, C, V)
+        logits = completion_logits(self.train_model, seqs)              # (2B, C, V)
         token_logps = token_logps_from_logits(logits, seqs)             # (2B, C)
         logps, lengths = token_logps.sum(-1), seqs.completion_lengths
         ref = batch.reference_logps

@@ -29,6 +29,7 @@ from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
 from rlhf_lab.trainers.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from rlhf_lab.trainers.errors import NonFiniteLossError, PreemptedError
 from rlhf_lab.trainers.ppo_rollout import Advantages, PPOModels, Rollout, compute_advantages, roll_out
+from rlhf_lab.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class PromptSet:
 class PPOTrainer:
     def __init__(self, models: PPOModels, tokenizer, train_prompts: PromptSet, eval_prompts: PromptSet,
                  eval_reference, gold, cfg: PPOConfig, eval_cfg: EvalConfig, steps: int, actor_strategy,
-                 critic_strategy, logger, points, identity, run_dir: Path, seed: int):
+                 critic_strategy, logger, points, identity, run_dir: Path, seed: int, config_hash: str = ""):
         if not train_prompts.ids:
             raise ValueError("PPO needs at least one training prompt; the prompt set is empty")
         self.models, self.tokenizer, self.cfg, self.eval_cfg, self.steps = models, tokenizer, cfg, eval_cfg, steps
@@ -59,6 +60,7 @@ class PPOTrainer:
         self.order: list[int] = []
         self.cursor, self.step = 0, 0
         self._stop_signal: str | None = None
+        self.config_hash = config_hash   # a checkpoint only resumes the configuration that wrote it
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -182,7 +184,8 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        state = {"step": self.step, "order": self.order, "cursor": self.cursor, "kl_ctl": self.kl_ctl.state_dict(),
+        state = {"config_hash": self.config_hash, "step": self.step, "order": self.order, "cursor": self.cursor,
+                 "kl_ctl": self.kl_ctl.state_dict(),
                  "actor": self.actor_s.state_dict(), "critic": self.critic_s.state_dict(),
                  "rng": capture_rng(self.generators)}
         if self.cfg.ema_reference_decay is not None:
@@ -194,6 +197,9 @@ class PPOTrainer:
         if path is None:
             return False
         state = load_checkpoint(path)
+        if state.get("config_hash") != self.config_hash:
+            raise UserError(f"checkpoint {path} was written by a run with a different configuration; resuming it "
+                            f"would mix two experiments. Use another run directory, or force=true to start afresh")
         self.step, self.order, self.cursor = state["step"], state["order"], state["cursor"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.actor_s.load_state_dict(state["actor"])
