@@ -22,17 +22,11 @@ SENTENCES = [
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.tokenizers_for_tests import tiny_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(SENTENCES * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>", padding_side="left")
+    fast = tiny_bpe_tokenizer(SENTENCES * 4, pad="<|pad|>", eos="<|endoftext|>", bos="<|endoftext|>",
+                              special_order=["<|endoftext|>", "<|pad|>"])
+    fast.padding_side = "left"
     path = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(path)
     return fast

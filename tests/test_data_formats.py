@@ -15,6 +15,7 @@ from rlhf_lab.data.formats import (
     write_pairs_jsonl,
 )
 from rlhf_lab.utils.errors import DataError
+from tests.tokenizers_for_tests import tiny_bpe_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
@@ -23,25 +24,8 @@ CHAT_TEMPLATE = (
 
 
 def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<eos>", "<bos>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the movie was great", "the film was bad", "hello world, how are you"], trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
-    if chat_template:
-        hf.chat_template = chat_template
-    return hf
+    return tiny_bpe_tokenizer(["the movie was great", "the film was bad", "hello world, how are you"],
+                              pad="<pad>", eos="<eos>", bos="<bos>", chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")

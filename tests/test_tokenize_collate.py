@@ -18,29 +18,14 @@ from rlhf_lab.data.tokenize import (
     tokenize_unpaired,
 )
 from rlhf_lab.utils.errors import DataError
+from tests.tokenizers_for_tests import tiny_bpe_tokenizer
 
 PAD, EOS, BOS = 0, 1, 2
 
 
 def make_tokenizer(add_bos: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<eos>", "<bos>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the movie was great", "the film was bad", "hello world, how are you"], trainer)
-    if add_bos:  # Llama-style: tokenizer(text) prepends bos by default
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
+    hf = tiny_bpe_tokenizer(["the movie was great", "the film was bad", "hello world, how are you"],
+                            pad="<pad>", eos="<eos>", bos="<bos>", add_bos=add_bos)
     assert (hf.pad_token_id, hf.eos_token_id, hf.bos_token_id) == (PAD, EOS, BOS)
     return hf
 
