@@ -26,7 +26,7 @@ class TaskConfig:
     vocab_size: int = 4096              # BPE vocabulary trained on the train split
     prompt_min_tokens: int = 2          # prompts are review prefixes of 2–8 tokens (DPO paper §6.1)
     prompt_max_tokens: int = 8
-    num_train_prompts: int = 1000       # prefixes used for preference generation (k samples each)
+    num_train_prompts: int = 2000       # prefixes used for preference generation (k samples each)
     num_test_prompts: int = 256         # held-out prefixes used by every evaluation
 
 

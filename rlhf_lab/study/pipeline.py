@@ -59,7 +59,7 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
     task = stages.build_task(cfg.task, cfg.reward.gold, cache) if cfg.task.name == "imdb" else None
     if task is not None and cfg.model.sft:
         make = lambda: make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm)  # noqa: E731
-        sft = stages.sft_stage(cache, task, task.key, cfg.model, cfg.sft, cfg.task.seed, make)
+        sft = stages.sft_stage(cache, task, task.tokenizer_key, cfg.model, cfg.sft, cfg.task.seed, make)
         times["sft"] = sft.seconds
         reference_dir, reference_key = sft.dir, sft.key
     else:

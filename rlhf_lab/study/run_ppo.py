@@ -61,7 +61,7 @@ def train_ppo(cfg: RunConfig, ctx) -> dict:
     cache, device, times = Path(cfg.cache_dir), actor_s.device, {}
     task = stages.build_task(cfg.task, cfg.reward.gold, cache)
     make = lambda: make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm)  # noqa: E731
-    sft = stages.sft_stage(cache, task, task.key, cfg.model, cfg.sft, cfg.task.seed, make)
+    sft = stages.sft_stage(cache, task, task.tokenizer_key, cfg.model, cfg.sft, cfg.task.seed, make)
     times["sft"] = sft.seconds
     rm_dir = None
     if a.reward == "learned" or a.critic_init == "reward_model":

@@ -70,6 +70,7 @@ def sft_stage(cache_dir: Path, task, task_key: str, model_cfg: ModelConfig, sft_
     """Fine-tune the base model on the task's train text; HF checkpoint + tokenizer in the stage directory."""
     from rlhf_lab.trainers.sft import train_sft
 
+    # task_key: the tokenizer's key, which fixes the train texts and their tokenisation (not the prompt counts)
     key = {"task": task_key, "model": asdict(model_cfg), "sft": asdict(sft_cfg), "seed": seed}
 
     def build(out: Path) -> None:
