@@ -321,17 +321,23 @@ def run_child(name: str, precision: str, args, assets: Path, tmp: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--precision", precision, "--assets", str(assets),
            "--child-out", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads)]
+    return launch_child(cmd, {"contestant": name, "precision": precision}, out, log, tmp, args,
+                        lambda: partial_result(Path(str(out) + ".partial"), args))
+
+
+def launch_child(cmd: list[str], base: dict, out: Path, log: Path, tmp: Path, args, on_timeout) -> dict:
+    """Run one contestant in its own process (clean peak RSS, fixed thread counts, offline); shared by the
+    DPO and PPO benchmarks. Returns its JSON result, a failure with the log's tail, or `on_timeout()`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "HF_DATASETS_CACHE": str(tmp / "hf_datasets"), "WANDB_MODE": "disabled"}
-    base = {"contestant": name, "precision": precision}
     started = time.perf_counter()
     try:
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout,
                                   check=False)
     except subprocess.TimeoutExpired:
-        return {**base, **partial_result(Path(str(out) + ".partial"), args)}
+        return {**base, **on_timeout()}
     wall = time.perf_counter() - started
     if proc.returncode != 0 or not out.exists():
         tail = log.read_text().strip().splitlines()[-15:]

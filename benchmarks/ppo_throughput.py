@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +70,7 @@ from dpo_throughput import (
     SEED,
     SPECIALS,
     build_assets,
+    launch_child,
     machine_info,
     reset_peak_rss,
     rss_peak_mib,
@@ -314,22 +313,8 @@ def run_child(name: str, args, assets: Path, tmp: Path) -> dict:
                                               "setup command)"}
     cmd = [python, str(Path(__file__).resolve()), "--child", name, "--assets", str(assets), "--child-out", str(out),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "HF_DATASETS_CACHE": str(tmp / "hf_datasets"), "WANDB_MODE": "disabled"}
-    base = {"contestant": name}
-    started = time.perf_counter()
-    try:
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=args.timeout,
-                                  check=False)
-    except subprocess.TimeoutExpired:
-        return {**base, **partial_result(Path(str(out) + ".partial"), args)}
-    wall = time.perf_counter() - started
-    if proc.returncode != 0 or not out.exists():
-        tail = log.read_text().strip().splitlines()[-15:]
-        return {**base, "status": f"failed (exit {proc.returncode})", "error": "\n".join(tail)}
-    return {**base, "status": "ok", "child_wall_s": wall, **json.loads(out.read_text())}
+    return launch_child(cmd, {"contestant": name}, out, log, tmp, args,
+                        lambda: partial_result(Path(str(out) + ".partial"), args))
 
 
 def partial_result(path: Path, args) -> dict:
