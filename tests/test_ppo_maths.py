@@ -31,24 +31,15 @@ from rlhf_lab.algos.ppo import (
     token_rewards,
     value_loss,
 )
+from tests.float64 import ATOL, RTOL, assert_close, t  # noqa: F401
 
-RTOL, ATOL = 1e-10, 1e-12
 NAN = float("nan")
 
-
-def t(values, requires_grad: bool = False) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
 
 
 def mask_of(lengths: list[int], steps: int) -> torch.Tensor:
     return t([[1.0 if j < n else 0.0 for j in range(steps)] for n in lengths])
 
-
-def assert_close(actual: torch.Tensor, expected, rtol: float = RTOL, atol: float = ATOL) -> None:
-    expected_t = torch.as_tensor(expected, dtype=torch.float64)
-    assert actual.dtype == torch.float64
-    assert actual.shape == expected_t.shape
-    torch.testing.assert_close(actual.detach(), expected_t, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------- plain-Python GAE

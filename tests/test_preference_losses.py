@@ -25,8 +25,8 @@ from rlhf_lab.algos.preference import (
     preference_metrics,
     validate_params,
 )
+from tests.float64 import ATOL, RTOL, assert_close, t  # noqa: F401
 
-RTOL, ATOL = 1e-10, 1e-12
 
 
 # ---------------------------------------------------------------------------------------------- math helpers
@@ -38,15 +38,6 @@ def sig(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def t(values, requires_grad: bool = False) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
-
-
-def assert_close(actual: torch.Tensor, expected) -> None:
-    expected_t = torch.as_tensor(expected, dtype=torch.float64)
-    assert actual.dtype == torch.float64
-    assert actual.shape == expected_t.shape
-    torch.testing.assert_close(actual.detach(), expected_t, rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------- data

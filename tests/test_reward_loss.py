@@ -14,19 +14,10 @@ from rlhf_lab.algos.reward import (
     fit_reward_normalization,
     normalize_rewards,
 )
-
-RTOL, ATOL = 1e-10, 1e-12
-
-
-def t(values, requires_grad: bool = False) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64, requires_grad=requires_grad)
+from tests.float64 import ATOL, RTOL, assert_close, t  # noqa: F401
 
 
-def assert_close(actual: torch.Tensor, expected) -> None:
-    expected_t = torch.as_tensor(expected, dtype=torch.float64)
-    assert actual.dtype == torch.float64
-    assert actual.shape == expected_t.shape
-    torch.testing.assert_close(actual.detach(), expected_t, rtol=RTOL, atol=ATOL)
+
 
 
 def logsig(x: float) -> float:
