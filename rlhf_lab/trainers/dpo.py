@@ -126,7 +126,13 @@ class DPOTrainer:
 
     def _paired_loss(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
         seqs, b = batch.sequences, batch.num_pairs
-        logits = completion_logits(self.train_model, seqs)              # (2B, C, V)
+        full_logits = None
+        if self.algo.loss_type == "orpo":  # its NLL covers prompt tokens too: one all-position forward serves both
+            full_logits = self.train_model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                                           position_ids=seqs.position_ids, use_cache=False).logits  # (2B, P+C, V)
+            logits = full_logits[:, seqs.prompt_width - 1:-1]           # (2B, C, V) predicting completion tokens
+        else:
+            logits = completion_logits(self.train_model, seqs)          # (2B, C, V)
         token_logps = token_logps_from_logits(logits, seqs)             # (2B, C)
         logps, lengths = token_logps.sum(-1), seqs.completion_lengths
         ref = batch.reference_logps
@@ -134,22 +140,20 @@ class DPOTrainer:
             policy_chosen=logps[:b], policy_rejected=logps[b:],
             reference_chosen=None if ref is None else ref[:b], reference_rejected=None if ref is None else ref[b:],
             chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-            chosen_nll=self._chosen_nll(token_logps[:b], seqs.completion_mask[:b], batch),
+            chosen_nll=self._chosen_nll(token_logps[:b], seqs.completion_mask[:b], seqs, b, full_logits),
         )
         out = self.loss_fn(pair, self.params)
         loss = out.losses.mean()
         return loss, {"train/loss": loss.item(), **preference_metrics(out, pair, prefix="train/")}
 
-    def _chosen_nll(self, chosen_token_logps, chosen_mask, batch: PreferenceBatch) -> Optional[torch.Tensor]:
+    def _chosen_nll(self, chosen_token_logps, chosen_mask, seqs, b: int, full_logits) -> Optional[torch.Tensor]:
         """Mean per-token NLL of the chosen sequences, one mean over the batch's tokens (TRL): completion tokens
-        for RPO, prompt + completion tokens for ORPO (which needs the prompt positions' logits too)."""
+        for RPO, prompt + completion tokens for ORPO (from the all-position logits of the same forward)."""
         if self.algo.loss_type == "rpo":
             return -chosen_token_logps.sum() / chosen_mask.sum()
         if self.algo.loss_type == "orpo":
-            seqs, b = batch.sequences, batch.num_pairs
             ids, mask = seqs.input_ids[:b], seqs.attention_mask[:b]
-            logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=seqs.position_ids[:b],
-                                 use_cache=False).logits[:, :-1].float()
+            logits = full_logits[:b, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             target_mask = mask[:, 1:].float()
             return (nll * target_mask).sum() / target_mask.sum()
