@@ -1,8 +1,10 @@
 """`rlhf-lab`: the command line.
 
     rlhf-lab [hydra overrides]            one alignment run (Hydra app; -m for sweeps, any Hydra launcher)
-    rlhf-lab study [study=NAME] [overrides applied to every run]
-                                          run a whole study (default: the embedded imdb study) and write its points
+    rlhf-lab study [study=NAME] [phase=…] [jobs=N] [launcher=slurm] [overrides applied to every run]
+                                          run a whole study (default: the embedded imdb study): stages, sweep
+                                          points, points table, frontier, report (see rlhf_lab/study/runner.py)
+    rlhf-lab status [study=NAME]          which stages and runs of a study are done, running, failed or missing
 
 User errors (bad config, bad data, missing paths) end with one clear message and exit code 2, never a traceback;
 a diverged run (NaN/inf loss) ends with exit code 3 and leaves its run directory incomplete.
@@ -65,6 +67,10 @@ def main() -> None:
             from rlhf_lab.study.runner import study_main
 
             sys.exit(study_main(args[1:]))
+        if args and args[0] == "status":
+            from rlhf_lab.study.status import status_main
+
+            sys.exit(status_main(args[1:]))
         train_app()
     except UserError as e:
         print(f"rlhf-lab: error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ from rlhf_lab.tracking.logger import RunLogger
 from rlhf_lab.tracking.run_info import write_run_info
 from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_write_text, is_complete, stable_hash
 from rlhf_lab.utils.errors import UserError
+from rlhf_lab.utils.lock import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,25 @@ class PreparedData:
     reference_table: torch.Tensor | None
     eval_prompt_ids: list[list[int]]
     gold: object | None
-    stage_times: dict[str, float]
+    stages: list[stages.StageOutput]      # every cached stage this run used, in build order
+
+
+def stage_seconds(outputs: list[stages.StageOutput]) -> dict[str, float]:
+    return {o.name: o.seconds for o in outputs}
 
 
 def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
     """Build or reuse every stage this run needs; return tokenised pairs and the cached reference table."""
     cache = Path(cfg.cache_dir)
-    times: dict[str, float] = {}
-    task = stages.build_task(cfg.task, cfg.reward.gold, cache) if cfg.task.name == "imdb" else None
+    used: list[stages.StageOutput] = []
+    task = None
+    if cfg.task.name == "imdb":
+        task, task_out = stages.task_stage(cfg.task, cfg.reward.gold, cache)
+        used.append(task_out)
     if task is not None and cfg.model.sft:
         make = lambda: make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm)  # noqa: E731
         sft = stages.sft_stage(cache, task, task.tokenizer_key, cfg.model, cfg.sft, cfg.task.seed, make)
-        times["sft"] = sft.seconds
+        used.append(sft)
         reference_dir, reference_key = sft.dir, sft.key
     else:
         reference_dir, reference_key = Path(cfg.model.name_or_path), stable_hash({"model": cfg.model.name_or_path})
@@ -68,7 +76,7 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
     if cfg.data.source is None:
         prefs = stages.preference_stage(cache, task, reference_key, reference_dir, cfg.preferences,
                                         cfg.reward.gold, cfg.task.seed, device)
-        times["preferences"] = prefs.seconds
+        used.append(prefs)
         source, data_key = str(prefs.dir / "pairs.jsonl"), prefs.key
     else:
         source, data_key = cfg.data.source, stable_hash({"source": cfg.data.source, "split": cfg.data.split})
@@ -88,9 +96,9 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
     ref_stage, table = stages.reference_logps_stage(
         cache, reference_key, reference_dir, data_key, tokenized, report.total_rows, tokenizer.pad_token_id,
         trunc, device)
-    times["reference_logps"] = ref_stage.seconds
+    used.append(ref_stage)
     return PreparedData(tokenizer, reference_dir, reference_key, tokenized, table,
-                        [encode_prompt(tokenizer, p) for p in prompts], task.gold if task else None, times)
+                        [encode_prompt(tokenizer, p) for p in prompts], task.gold if task else None, used)
 
 
 def hold_out_prompts(tokenized: list, pairs: list, num_prompts: int) -> tuple[list, list[str]]:
@@ -134,16 +142,41 @@ def run_identity(cfg: RunConfig) -> RunIdentity:
     return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta)
 
 
+def build_run_stages(cfg: RunConfig) -> list[stages.StageOutput]:
+    """Build (or find in the cache) every shared stage the run `cfg` needs, without training: what a study's
+    stages phase runs before its sweep points, so array jobs find them ready."""
+    from rlhf_lab.study.run_ppo import ppo_stages
+
+    device = make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm).device
+    if isinstance(cfg.algo, PPOConfig):
+        return ppo_stages(cfg, device)[3]
+    return prepare_data(cfg, device).stages
+
+
+RUN_LOCK = ".run.lock"
+
+
 def run_alignment(cfg: RunConfig, run_dir: Path) -> dict:
     """Train and evaluate one sweep point; skip it if its run directory is already complete (unless forced).
 
-    PPO runs with a checkpoint in their directory resume from it; anything else incomplete starts afresh."""
-    from rlhf_lab.study.run_ppo import train_ppo
-
+    PPO runs with a checkpoint in their directory resume from it; anything else incomplete starts afresh. The run
+    holds a lock on its directory, so two jobs given the same point (a requeued array task racing its first
+    attempt) never write into it at once; `rlhf-lab status` reads the lock to tell running from interrupted."""
     run_dir = Path(run_dir)
     if is_complete(run_dir) and not cfg.force:
         log.info("run %s is complete; skipping (force=true to rerun)", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(run_dir / RUN_LOCK):
+        if is_complete(run_dir) and not cfg.force:  # finished by another job while we waited
+            return json.loads((run_dir / "summary.json").read_text())
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
+    from rlhf_lab.study.run_ppo import train_ppo
+
+    (run_dir / "error.txt").unlink(missing_ok=True)
     is_ppo = isinstance(cfg.algo, PPOConfig)
     resume_step = _prepare_run_dir(run_dir, resumable=is_ppo and not cfg.force)
     started = time.time()
@@ -187,7 +220,7 @@ def train_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     final = trainer.train()
     if cfg.train.save_model:
         strategy.save_model(ctx.run_dir / "model", data.tokenizer)
-    return {"stage_seconds": data.stage_times, "pairs": len(data.pairs), "final_train_metrics": final}
+    return {"stage_seconds": stage_seconds(data.stages), "pairs": len(data.pairs), "final_train_metrics": final}
 
 
 def peak_rss_mib() -> float:

@@ -58,20 +58,8 @@ def train_ppo(cfg: RunConfig, ctx) -> dict:
     accum = mini // a.micro_batch_size
     actor_s = make_strategy(cfg.train.device, cfg.train.precision, accum, a.max_grad_norm)
     critic_s = make_strategy(cfg.train.device, cfg.train.precision, accum, a.max_grad_norm)
-    cache, device, times = Path(cfg.cache_dir), actor_s.device, {}
-    task = stages.build_task(cfg.task, cfg.reward.gold, cache)
-    make = lambda: make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm)  # noqa: E731
-    sft = stages.sft_stage(cache, task, task.tokenizer_key, cfg.model, cfg.sft, cfg.task.seed, make)
-    times["sft"] = sft.seconds
-    rm_dir = None
-    if a.reward == "learned" or a.critic_init == "reward_model":
-        prefs = stages.preference_stage(cache, task, sft.key, sft.dir, cfg.preferences, cfg.reward.gold,
-                                        cfg.task.seed, device)
-        trunc = TruncationConfig(cfg.data.max_prompt_length, cfg.data.max_completion_length, cfg.data.truncation)
-        rm = stages.reward_model_stage(cache, sft.key, sft.dir, prefs.key, prefs.dir / "pairs.jsonl",
-                                       cfg.reward_model, trunc, cfg.task.seed, device, make)
-        times.update(preferences=prefs.seconds, reward_model=rm.seconds)
-        rm_dir = rm.dir
+    device = actor_s.device
+    task, sft, rm_dir, used = ppo_stages(cfg, device)
     tokenizer = load_tokenizer(sft.dir)
     models, eval_reference = build_ppo_models(cfg, sft.dir, rm_dir, tokenizer, task.gold, device)
     models.actor = _setup(actor_s, models.actor, a.actor_lr, a.warmup_steps)
@@ -85,8 +73,28 @@ def train_ppo(cfg: RunConfig, ctx) -> dict:
     final = trainer.train()
     if cfg.train.save_model:
         actor_s.save_model(ctx.run_dir / "model", tokenizer)
-    return {"stage_seconds": times, "final_train_metrics": final,
+    return {"stage_seconds": {o.name: o.seconds for o in used}, "final_train_metrics": final,
             "reward_model": None if rm_dir is None else str(rm_dir)}
+
+
+def ppo_stages(cfg: RunConfig, device: torch.device) -> tuple:
+    """The cached stages a PPO run needs: task, SFT, and (for a learned reward or an RM-initialised critic) the
+    preference pairs and the reward model. Returns (task, sft stage, reward-model dir or None, stages used)."""
+    a: PPOConfig = cfg.algo
+    cache = Path(cfg.cache_dir)
+    task, task_out = stages.task_stage(cfg.task, cfg.reward.gold, cache)
+    make = lambda: make_strategy(cfg.train.device, cfg.train.precision, 1, cfg.optim.max_grad_norm)  # noqa: E731
+    sft = stages.sft_stage(cache, task, task.tokenizer_key, cfg.model, cfg.sft, cfg.task.seed, make)
+    used, rm_dir = [task_out, sft], None
+    if a.reward == "learned" or a.critic_init == "reward_model":
+        prefs = stages.preference_stage(cache, task, sft.key, sft.dir, cfg.preferences, cfg.reward.gold,
+                                        cfg.task.seed, device)
+        trunc = TruncationConfig(cfg.data.max_prompt_length, cfg.data.max_completion_length, cfg.data.truncation)
+        rm = stages.reward_model_stage(cache, sft.key, sft.dir, prefs.key, prefs.dir / "pairs.jsonl",
+                                       cfg.reward_model, trunc, cfg.task.seed, device, make)
+        used += [prefs, rm]
+        rm_dir = rm.dir
+    return task, sft, rm_dir, used
 
 
 def resume_key(cfg: RunConfig) -> str:

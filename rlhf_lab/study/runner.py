@@ -1,32 +1,42 @@
-"""A study: shared stages once, then every arm's sweep points (× seeds), then one points table.
+"""A study: shared stages once, then every arm's sweep points (× seeds), then one points table, frontier and report.
 
 The study file (`conf/studies/<name>.yaml`) names the arms; each arm is a list of Hydra overrides plus a sweep
 (key → values); the runner composes each point's config with Hydra's compose API — the same configs a user gets
-from `rlhf-lab ...` — and runs them in order. Stages are cached, finished runs are skipped, and a failed point is
-recorded and does not stop the others.
+from `rlhf-lab ...` — so a point runs identically here, in a SLURM array task or from the command line.
+
+    rlhf-lab study study=NAME [jobs=N] [overrides]   everything, locally (N sweep points in parallel)
+    rlhf-lab study study=NAME phase=list             the sweep points, one run id per line (index = line number)
+    rlhf-lab study study=NAME phase=stages           only the shared stages (SFT, preferences, RM, reference)
+    rlhf-lab study study=NAME phase=point index=I    sweep point I (default: $SLURM_ARRAY_TASK_ID)
+    rlhf-lab study study=NAME phase=aggregate        points table, frontier, report, W&B study run
+    rlhf-lab study study=NAME launcher=slurm         the three phases above as SLURM jobs (stages → array → aggregate)
+
+Stages are cached, finished runs are skipped, and a failed point is recorded (error.txt) without stopping others.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
-from rlhf_lab.config import validate_run_config
-from rlhf_lab.eval.points import POINT_COLUMNS
+from rlhf_lab.config import PPOConfig, RunConfig, to_container, validate_run_config
+from rlhf_lab.study import record
 from rlhf_lab.trainers.errors import PreemptedError
-from rlhf_lab.utils.cache import atomic_write_text
+from rlhf_lab.utils.cache import atomic_write_text, stable_hash
 from rlhf_lab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
+PHASES = ("all", "list", "stages", "point", "aggregate")
+STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher")
 
 
 @dataclass
@@ -34,6 +44,39 @@ class SweepPoint:
     arm: str
     run_id: str
     overrides: list[str]
+
+
+@dataclass
+class StudyArgs:
+    name: str = "imdb"
+    phase: str = "all"
+    index: int | None = None     # sweep point for phase=point
+    jobs: int = 1                # sweep points run at once on this machine
+    launcher: str = "local"      # local | slurm
+    overrides: tuple[str, ...] = ()
+
+
+def parse_study_args(args: list[str]) -> StudyArgs:
+    """Split `key=value` study options from the Hydra overrides applied to every run."""
+    opts, overrides = {}, []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        (opts.__setitem__(key, value) if key in STUDY_OPTIONS else overrides.append(arg))
+    parsed = StudyArgs(name=opts.get("study", "imdb"), phase=opts.get("phase", "all"),
+                       launcher=opts.get("launcher", "local"), overrides=tuple(overrides))
+    if parsed.phase not in PHASES:
+        raise ConfigError(f"phase={parsed.phase!r}: expected one of {', '.join(PHASES)}")
+    if parsed.launcher not in ("local", "slurm"):
+        raise ConfigError(f"launcher={parsed.launcher!r}: expected local or slurm")
+    index = opts.get("index", os.environ.get("SLURM_ARRAY_TASK_ID") if parsed.phase == "point" else None)
+    for key, value in (("index", index), ("jobs", opts.get("jobs", "1"))):
+        if value is not None and not str(value).isdigit():
+            raise ConfigError(f"{key}={value!r}: expected a non-negative integer")
+    parsed.index = None if index is None else int(index)
+    parsed.jobs = max(1, int(opts.get("jobs", "1")))
+    if parsed.phase == "point" and parsed.index is None:
+        raise ConfigError("phase=point needs index=I (or SLURM_ARRAY_TASK_ID in the environment)")
+    return parsed
 
 
 def load_study(name: str) -> dict:
@@ -45,6 +88,10 @@ def load_study(name: str) -> dict:
     for key in ("name", "arms"):
         if key not in spec:
             raise ConfigError(f"study file {path}: missing key '{key}'")
+    for arm, arm_spec in spec["arms"].items():
+        for key in arm_spec or {}:
+            if key not in ("overrides", "sweep"):
+                raise ConfigError(f"study file {path}: arm '{arm}' has unknown key '{key}' (expected overrides, sweep)")
     return spec
 
 
@@ -52,24 +99,24 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
-def sweep_points(spec: dict, extra: list[str]) -> list[SweepPoint]:
+def sweep_points(spec: dict, extra: list[str] | tuple[str, ...]) -> list[SweepPoint]:
     """Expand every arm's sweep (cartesian product of its keys) × the study's seeds into run overrides."""
     points = []
     for arm, arm_spec in spec["arms"].items():
-        sweep = arm_spec.get("sweep", {}) or {}
+        sweep = (arm_spec or {}).get("sweep", {}) or {}
         keys = list(sweep)
         for values in itertools.product(*(sweep[k] for k in keys)):
             for seed in spec.get("seeds", [0]):
                 label = "-".join(f"{k.split('.')[-1]}{_fmt(v)}" for k, v in zip(keys, values))
                 run_id = f"{arm}-{label}-seed{seed}" if label else f"{arm}-seed{seed}"
-                overrides = (list(spec.get("overrides", [])) + list(arm_spec.get("overrides", []))
+                overrides = (list(spec.get("overrides", [])) + list((arm_spec or {}).get("overrides", []))
                              + [f"{k}={v}" for k, v in zip(keys, values)]
                              + [f"seed={seed}", f"study={spec['name']}", f"run_id={run_id}"] + list(extra))
                 points.append(SweepPoint(arm, run_id, overrides))
     return points
 
 
-def compose_run_config(overrides: list[str]):
+def compose_run_config(overrides: list[str]) -> RunConfig:
     """The same composition `rlhf-lab <overrides>` performs, then validation; errors name the override."""
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -78,57 +125,157 @@ def compose_run_config(overrides: list[str]):
         raise ConfigError(f"{e} (overrides: {' '.join(overrides)})") from None
 
 
-def aggregate_points(study_dir: Path) -> pd.DataFrame:
-    """Concatenate every run's points.csv into `<study_dir>/points.csv` (written atomically)."""
-    frames = [pd.read_csv(p) for p in sorted((study_dir / "runs").glob("*/points.csv")) if p.stat().st_size > 0]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
-    atomic_write_text(study_dir / "points.csv", table.to_csv(index=False))
-    return table
+def study_dir_of(cfg: RunConfig, spec: dict) -> Path:
+    return Path(cfg.output_root) / spec["name"]
 
 
-def summary_table(points: pd.DataFrame) -> str:
-    """Step 0 (SFT) and final evaluation of every run: gold reward and KL with standard errors."""
-    if points.empty:
-        return "(no points)"
-    rows = []
-    for run_id, g in points.groupby("run_id", sort=False):
-        first, last = g.loc[g["step"].idxmin()], g.loc[g["step"].idxmax()]
-        rows.append(f"{run_id:<28} step {int(last['step']):>4}  gold {last['gold_reward_mean']:.3f} ± "
-                    f"{last['gold_reward_se']:.3f} (SFT {first['gold_reward_mean']:.3f})  "
-                    f"KL {last['kl_mean']:.2f} ± {last['kl_se']:.2f}")
-    return "\n".join(rows)
+# ------------------------------------------------------------------------------------------------ stages phase
+def stage_signature(cfg: RunConfig) -> str:
+    """What decides which shared stages a run needs: two runs with equal signatures need the same stages."""
+    resolved = to_container(cfg)
+    needs = "dpo" if not isinstance(cfg.algo, PPOConfig) else f"ppo:{cfg.algo.reward}:{cfg.algo.critic_init}"
+    keep = ("task", "reward", "model", "sft", "preferences", "reward_model", "data", "cache_dir")
+    return stable_hash({"needs": needs, **{k: resolved.get(k) for k in keep}})
 
 
-def study_main(args: list[str]) -> int:
+def run_stages(configs: list[RunConfig], study_dir: Path) -> float:
+    """Build every distinct set of shared stages the study's runs need, before any run starts."""
+    from rlhf_lab.study.pipeline import build_run_stages
+
+    started, seen = time.time(), set()
+    for cfg in configs:
+        signature = stage_signature(cfg)
+        if signature not in seen:
+            seen.add(signature)
+            record.record_stages(study_dir, build_run_stages(cfg))
+    seconds = time.time() - started
+    record.record_study(study_dir, phase_seconds={"stages": round(seconds, 1)})
+    return seconds
+
+
+# ------------------------------------------------------------------------------------------------ point phase
+def run_point(point: SweepPoint, study_dir: Path, cfg: RunConfig | None = None) -> float:
+    """Train and evaluate one sweep point into `<study>/runs/<run_id>`; a failure is written to error.txt and
+    re-raised. Returns the run's wall time."""
     from rlhf_lab.study.pipeline import run_alignment
 
+    cfg = cfg or compose_run_config(point.overrides)
+    run_dir = study_dir / "runs" / point.run_id
+    started = time.time()
+    try:
+        summary = run_alignment(cfg, run_dir)
+    except PreemptedError:  # the job was asked to stop: the run checkpointed; nothing failed
+        raise
+    except Exception:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        raise
+    seconds = float(summary.get("seconds", time.time() - started))
+    record.record_study(study_dir, run_seconds={point.run_id: round(seconds, 1)})
+    return seconds
+
+
+def _point_in_worker(point: SweepPoint, study_dir: Path, threads: int) -> tuple[str, str | None]:
+    """Process-pool entry: one point with `threads` torch threads; returns (run_id, error or None)."""
+    import torch
+
+    from rlhf_lab.cli import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s {point.run_id}] %(message)s", datefmt="%H:%M:%S")
+    try:
+        run_point(point, study_dir)
+        return point.run_id, None
+    except Exception as e:  # noqa: BLE001 — reported by the parent, details in error.txt
+        return point.run_id, f"{type(e).__name__}: {e}"
+
+
+def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Path, jobs: int) -> list[str]:
+    """Every sweep point, `jobs` at a time (separate processes splitting the cores); returns the failed run ids."""
+    started, failures = time.time(), []
+    if jobs == 1:
+        for point, cfg in zip(points, configs):
+            log.info("=== %s", point.run_id)
+            try:
+                run_point(point, study_dir, cfg)
+            except PreemptedError:
+                raise
+            except Exception as e:  # one failed point must not stop the others
+                failures.append(point.run_id)
+                log.error("run %s failed: %s (details in %s)", point.run_id, e,
+                          study_dir / "runs" / point.run_id / "error.txt")
+    else:
+        failures = _run_pool(points, study_dir, jobs)
+    record.record_study(study_dir, phase_seconds={"runs": round(time.time() - started, 1)})
+    return failures
+
+
+def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int) -> list[str]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log.info("running %d points, %d at a time with %d torch thread(s) each", len(points), jobs, threads)
+    failures = []
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_point_in_worker, p, study_dir, threads): p for p in points}
+        for future in as_completed(futures):
+            point = futures[future]
+            try:
+                run_id, error = future.result()
+            except BrokenProcessPool as e:  # a worker was killed (e.g. out of memory): the point failed
+                run_id, error = point.run_id, f"worker process died: {e}"
+            if error:
+                failures.append(run_id)
+                log.error("run %s failed: %s", run_id, error)
+            else:
+                log.info("run %s done", run_id)
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def study_main(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("study=")), "imdb")
-    extra = [a for a in args if not a.startswith("study=")]
-    spec = load_study(name)
-    points = sweep_points(spec, extra)
-    configs = [(p, compose_run_config(p.overrides)) for p in points]
-    study_dir = Path(configs[0][1].output_root) / spec["name"]
-    started, failures, timings = time.time(), [], {}
-    for point, cfg in configs:
-        run_dir = study_dir / "runs" / point.run_id
-        log.info("=== %s", point.run_id)
-        try:
-            summary = run_alignment(cfg, run_dir)
-            timings[point.run_id] = summary.get("seconds")
-        except PreemptedError:  # the job was asked to stop: the run checkpointed; stop the study too
-            raise
-        except Exception as e:  # one failed point must not stop the others; the error is kept with the run
-            failures.append(point.run_id)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
-            log.error("run %s failed: %s (details in %s)", point.run_id, e, run_dir / "error.txt")
-    table = aggregate_points(study_dir)
-    print(summary_table(table))
-    print(f"\nstudy '{spec['name']}': {len(configs) - len(failures)}/{len(configs)} runs complete in "
-          f"{time.time() - started:.0f} s")
-    print(f"points table: {study_dir / 'points.csv'}")
-    print(f"runs:         {study_dir / 'runs'}")
+    opts = parse_study_args(args)
+    spec = load_study(opts.name)
+    points = sweep_points(spec, opts.overrides)
+    if not points:
+        raise ConfigError(f"study {opts.name!r} has no sweep points (check its arms and seeds)")
+    if opts.phase == "list":
+        print("\n".join(p.run_id for p in points))
+        return 0
+    if opts.phase == "point":
+        if opts.index >= len(points):
+            raise ConfigError(f"index={opts.index}: study {spec['name']!r} has {len(points)} points (0..{len(points) - 1})")
+        points = [points[opts.index]]
+    configs = [compose_run_config(p.overrides) for p in points]
+    study_dir = study_dir_of(configs[0], spec)
+    if opts.launcher == "slurm":
+        from rlhf_lab.study.slurm import submit_study
+
+        print(submit_study(opts.name, list(opts.overrides)))
+        return 0
+    return _run_phases(opts, spec, points, configs, study_dir)
+
+
+def _run_phases(opts: StudyArgs, spec: dict, points, configs, study_dir: Path) -> int:
+    from rlhf_lab.study.finish import finish_study
+    from rlhf_lab.tracking.run_info import git_info, package_versions
+
+    started = time.time()
+    record.record_study(study_dir, study=spec["name"], spec=spec, versions=package_versions(), git=git_info(),
+                        overrides=list(opts.overrides))
+    if opts.phase == "point":
+        run_point(points[0], study_dir, configs[0])
+        return 0
+    if opts.phase in ("all", "stages"):
+        run_stages(configs, study_dir)
+    failures = run_points(points, configs, study_dir, opts.jobs) if opts.phase == "all" else []
+    if opts.phase in ("all", "aggregate"):
+        finish_study(study_dir, spec, configs[0], started)
     if failures:
-        print(f"FAILED runs: {', '.join(failures)}")
+        print(f"FAILED runs: {', '.join(failures)} (`rlhf-lab status study={opts.name}` shows their errors; "
+              f"rerunning the study completes only what is missing)")
     return 1 if failures else 0

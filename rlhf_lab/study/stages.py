@@ -23,7 +23,7 @@ from rlhf_lab.data.collate import collate_pairs
 from rlhf_lab.data.tokenize import TruncationConfig
 from rlhf_lab.models.build import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf_lab.models.logprobs import sequence_logps
-from rlhf_lab.utils.cache import atomic_dir, is_complete, stable_hash
+from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_dir, is_complete, stable_hash
 from rlhf_lab.utils.lock import file_lock
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,22 @@ def cached_stage(cache_dir: Path, stage: str, key_obj: dict, build: Callable[[Pa
 
 # ---------------------------------------------------------------------------------------------------- task
 def build_task(task_cfg: TaskConfig, gold_name: str, cache_dir: Path):
-    """The embedded IMDb task (tokenizer, splits, prompts, gold reward); cached by the task module itself."""
+    """The embedded IMDb task (tokenizer, splits, prompts, gold reward); cached by the task module itself (which
+    publishes each artefact atomically). The lock makes concurrent jobs wait for one build instead of racing."""
+    return task_stage(task_cfg, gold_name, cache_dir)[0]
+
+
+def task_stage(task_cfg: TaskConfig, gold_name: str, cache_dir: Path):
+    """`build_task` plus a StageOutput (was it built, how long it took) for the study's stage record."""
     from rlhf_lab.data.tasks.imdb import ImdbTaskConfig, build_imdb_task
 
     fields = {k: v for k, v in asdict(task_cfg).items() if k != "name"}
-    return build_imdb_task(ImdbTaskConfig(**fields, gold=gold_name), Path(cache_dir))
+    started = time.time()
+    with file_lock(Path(cache_dir) / "imdb" / ".build.lock"):
+        task = build_imdb_task(ImdbTaskConfig(**fields, gold=gold_name), Path(cache_dir))
+    # the task directory is published last, after its tokenizer and gold reward: a fresh marker means a build
+    built = (task.dir / COMPLETE_MARKER).stat().st_mtime >= started
+    return task, StageOutput("task", task.key, task.dir, built, time.time() - started)
 
 
 # ---------------------------------------------------------------------------------------------------- SFT

@@ -1,0 +1,65 @@
+"""The study's last phase: every finished run's points → one table → judges → frontier, figures, report, W&B.
+
+It reads only what runs left on disk, so it works the same after a local study, after a SLURM array (as the
+aggregate job) and on a partial study (it reports what is there; `rlhf-lab status` says what is missing).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from rlhf_lab.config import RunConfig
+from rlhf_lab.eval.points import POINT_COLUMNS
+from rlhf_lab.study import record
+from rlhf_lab.utils.cache import atomic_write_text, is_complete
+
+log = logging.getLogger(__name__)
+
+
+def aggregate_points(study_dir: Path) -> pd.DataFrame:
+    """Concatenate every complete run's points.csv into `<study_dir>/points.csv` (+ parquet), atomically.
+
+    Incomplete runs are left out (a killed run's rows may stop mid-way); the count is logged."""
+    run_dirs = sorted(p for p in (study_dir / "runs").glob("*") if p.is_dir())
+    complete = [d for d in run_dirs if is_complete(d) and (d / "points.csv").exists()]
+    if len(complete) < len(run_dirs):
+        log.info("aggregating %d complete runs (%d incomplete or failed left out)", len(complete),
+                 len(run_dirs) - len(complete))
+    frames = [pd.read_csv(d / "points.csv") for d in complete]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
+    atomic_write_text(study_dir / "points.csv", table.to_csv(index=False))
+    tmp = study_dir / ".points.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    tmp.replace(study_dir / "points.parquet")
+    return table
+
+
+def summary_table(points: pd.DataFrame) -> str:
+    """Step 0 (SFT) and final evaluation of every run: gold reward and KL with standard errors."""
+    if points.empty:
+        return "(no points)"
+    rows = []
+    for run_id, g in points.groupby("run_id", sort=False):
+        first, last = g.loc[g["step"].idxmin()], g.loc[g["step"].idxmax()]
+        rows.append(f"{run_id:<30} step {int(last['step']):>4}  gold {last['gold_reward_mean']:.3f} ± "
+                    f"{last['gold_reward_se']:.3f} (SFT {first['gold_reward_mean']:.3f})  "
+                    f"KL {last['kl_mean']:.2f} ± {last['kl_se']:.2f}")
+    return "\n".join(rows)
+
+
+def finish_study(study_dir: Path, spec: dict, cfg: RunConfig, started: float) -> pd.DataFrame:
+    """Aggregate, judge (if the study names judges), draw, report and log the study; print the short tables."""
+    from rlhf_lab.tracking.study_wandb import log_study
+
+    phase_started = time.time()
+    points = aggregate_points(study_dir)
+    record.record_study(study_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        wall_seconds=round(time.time() - started, 1))
+    print(summary_table(points))
+    log_study(study_dir, points, cfg.logger, spec["name"])
+    record.record_study(study_dir, phase_seconds={"aggregate": round(time.time() - phase_started, 1)})
+    print(f"\npoints table: {study_dir / 'points.csv'} ({points['run_id'].nunique() if len(points) else 0} runs)")
+    return points

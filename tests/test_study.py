@@ -1,0 +1,120 @@
+"""The study runner through the console script: phases, parallel points, failure isolation, reruns and status.
+
+The real `smoke` study (conftest `smoke_study_dir`) runs once; a second study file written here reuses its stage
+cache and adds a sweep point that fails at run time, to check that one failure neither stops the others nor
+hides in the status."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from rlhf_lab.eval.points import POINT_COLUMNS
+
+pytestmark = pytest.mark.integration
+SMOKE_RUNS = ["dpo-beta0.1-seed0", "dpo-beta1-seed0", "ipo-beta0.5-seed0", "ppo-kl_coef0.05-seed0",
+              "ppo_gt-kl_coef0.05-seed0"]
+
+
+def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    console = Path(sys.executable).with_name("rlhf-lab")
+    out = subprocess.run([str(console), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    if check and out.returncode != 0:
+        raise AssertionError(f"rlhf-lab {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+def test_list_phase_names_every_point_in_order(tmp_path):
+    out = cli("study", "study=smoke", "phase=list", cwd=tmp_path)
+    assert out.stdout.split() == SMOKE_RUNS
+
+
+@pytest.mark.parametrize("args, message", [
+    (["phase=bogus"], "phase='bogus'"),
+    (["phase=point", "index=99"], "index=99: study 'smoke' has 5 points"),
+    (["study=nosuchstudy"], "study 'nosuchstudy' not found"),
+])
+def test_bad_study_arguments_are_clear_errors(tmp_path, args, message):
+    out = cli("study", "study=smoke", *args, f"output_root={tmp_path}", cwd=tmp_path, check=False)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
+    points = pd.read_csv(smoke_study_dir / "points.csv")
+    assert list(points.columns) == POINT_COLUMNS
+    assert sorted(points["run_id"].unique()) == sorted(SMOKE_RUNS)
+    assert set(points["method"]) == {"dpo", "ppo", "ppo_gt"}
+    assert (points.groupby("run_id")["step"].max() == 3).all()
+    assert pd.read_parquet(smoke_study_dir / "points.parquet").shape == points.shape
+    study = json.loads((smoke_study_dir / "study.json").read_text())
+    assert set(study["run_seconds"]) == set(SMOKE_RUNS) and study["git"]["sha"]
+    assert {"stages", "runs", "aggregate"} <= set(study["phase_seconds"]) and "torch" in study["versions"]
+    stages = json.loads((smoke_study_dir / "stages.json").read_text())
+    built = {e["stage"] for e in stages.values() if "build_seconds" in e}
+    assert built == {"task", "sft", "preferences", "reward_model", "reference_logps"}
+
+
+def test_rerun_reuses_every_stage_and_run(smoke_study_dir):
+    root = smoke_study_dir.parent
+    markers = sorted(root.rglob("_COMPLETE"))
+    before = {p: p.stat().st_mtime_ns for p in markers}
+    out = cli("study", "study=smoke", f"output_root={root}", cwd=root)
+    assert {p: p.stat().st_mtime_ns for p in sorted(root.rglob("_COMPLETE"))} == before  # nothing rebuilt/rerun
+    assert "5 runs" in out.stdout
+
+
+def failing_study(tmp_path: Path, smoke_dir: Path) -> Path:
+    """The smoke study's settings with one good DPO point and one whose dataset does not exist; it shares the
+    smoke study's stage cache, so only the two runs cost time."""
+    smoke = yaml.safe_load((Path(__file__).parents[1] / "rlhf_lab/conf/studies/smoke.yaml").read_text())
+    spec = {"name": "flaky", "seeds": [0],
+            "overrides": smoke["overrides"] + [f"cache_dir={smoke_dir.parent / 'cache'}"],
+            "arms": {"good": {"overrides": ["algo=dpo"], "sweep": {"algo.beta": [0.1]}},
+                     "broken": {"overrides": ["algo=dpo", "data.source=/nonexistent/pairs.jsonl"],
+                                "sweep": {"algo.beta": [0.1]}}}}
+    path = tmp_path / "flaky.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_failed_point_is_isolated_reported_and_rerun(tmp_path, smoke_study_dir):
+    spec = failing_study(tmp_path, smoke_study_dir)
+    out = cli("study", f"study={spec}", f"output_root={tmp_path}", cwd=tmp_path, check=False)
+    assert out.returncode == 1 and "FAILED runs: broken-beta0.1-seed0" in out.stdout
+    points = pd.read_csv(tmp_path / "flaky" / "points.csv")
+    assert set(points["run_id"]) == {"good-beta0.1-seed0"}
+    assert not list((tmp_path / "cache").glob("*"))  # the shared cache was used, nothing built here
+
+    status = cli("status", f"study={spec}", f"output_root={tmp_path}", cwd=tmp_path, check=False)
+    assert status.returncode == 1
+    lines = status.stdout.splitlines()
+    assert any(line.split()[:2] == ["done", "good-beta0.1-seed0"] for line in lines)
+    assert any(line.split()[:2] == ["failed", "broken-beta0.1-seed0"] for line in lines)
+    assert "/nonexistent/pairs.jsonl" in status.stdout     # the error's last lines are shown
+
+    good = tmp_path / "flaky" / "runs" / "good-beta0.1-seed0" / "_COMPLETE"
+    mtime = good.stat().st_mtime_ns
+    again = cli("study", f"study={spec}", f"output_root={tmp_path}", cwd=tmp_path, check=False)
+    assert again.returncode == 1 and good.stat().st_mtime_ns == mtime  # only the missing point was retried
+
+
+def test_point_phase_runs_one_point_and_status_counts_the_rest(tmp_path, smoke_study_dir):
+    spec = failing_study(tmp_path, smoke_study_dir)
+    env_index = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "WANDB_MODE": "offline"}
+    console = Path(sys.executable).with_name("rlhf-lab")
+    out = subprocess.run([str(console), "study", f"study={spec}", "phase=point", f"output_root={tmp_path}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_index)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = tmp_path / "flaky" / "runs"
+    assert (runs / "good-beta0.1-seed0" / "_COMPLETE").exists() and not (runs / "broken-beta0.1-seed0").exists()
+    status = cli("status", f"study={spec}", f"output_root={tmp_path}", cwd=tmp_path, check=False)
+    assert "runs: 1 done, 1 missing" in status.stdout
