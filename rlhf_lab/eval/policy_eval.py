@@ -8,7 +8,7 @@ single-sample log-ratio Σ_t log π(y_t)/π_ref(y_t), an unbiased but noisy esti
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -32,9 +32,12 @@ class EvalResult:
     eos_fraction: float         # share of samples that ended with EOS within max_new_tokens
     temperature: float
     proxy_reward_mean: float = math.nan  # the training reward (e.g. the learned RM) on the same samples
+    # one dict per sample (index, prompt, completion, gold, length, temperature): written to
+    # <run_dir>/samples/step_XXXXXX.jsonl for judges (eval/samples.py); not a metric
+    records: list[dict] = field(default_factory=list, repr=False)
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+        return {f"{prefix}{k}": v for k, v in asdict(self).items() if k != "records"}
 
 
 def mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -99,15 +102,24 @@ def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], g
     kls_m, kls_s = mean_se(sampled)
     g_m, g_s = mean_se(gold_scores)
     proxy = math.nan
+    prompts, completions = split_samples(tokenizer, seqs)
     if proxy_reward is not None:
-        prompts, completions = split_samples(tokenizer, seqs)
         scores = proxy_reward.score(prompts, completions, seqs).double().numpy()
         proxy = float(scores[np.isfinite(scores)].mean()) if np.isfinite(scores).any() else math.nan
     return EvalResult(
         samples=len(seqs), kl_mean=kl_m, kl_se=kl_s, kl_sampled_mean=kls_m, kl_sampled_se=kls_s,
         gold_reward_mean=g_m, gold_reward_se=g_s, response_len_mean=float(lengths.mean()),
         eos_fraction=float(ended.mean()), temperature=cfg.temperature, proxy_reward_mean=proxy,
+        records=sample_records(prompts, completions, gold_scores if gold else None, lengths, cfg.temperature),
     )
+
+
+def sample_records(prompts: list[str], completions: list[str], gold_scores, lengths, temperature: float) -> list[dict]:
+    """Per-sample records; `index` is the evaluation row, identical across steps (same prompts, same order)."""
+    return [{"index": i, "prompt": p, "completion": c,
+             "gold": float(gold_scores[i]) if gold_scores is not None else None,
+             "length": int(lengths[i]), "temperature": temperature}
+            for i, (p, c) in enumerate(zip(prompts, completions))]
 
 
 def _slice(seqs: SequenceBatch, start: int, end: int) -> SequenceBatch:

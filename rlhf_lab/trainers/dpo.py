@@ -21,6 +21,7 @@ from rlhf_lab.data.batches import PreferenceBatch, TokenizedPair, TokenizedUnpai
 from rlhf_lab.data.collate import batches, collate_pairs, collate_unpaired
 from rlhf_lab.eval.points import PointsWriter, RunIdentity, point_row
 from rlhf_lab.eval.policy_eval import evaluate_policy
+from rlhf_lab.eval.samples import write_samples
 from rlhf_lab.models.logprobs import completion_logits, sequence_logps, token_logps_from_logits
 from rlhf_lab.trainers.errors import NonFiniteLossError
 from rlhf_lab.trainers.optim import build_optimizer, warmup_schedule
@@ -180,6 +181,7 @@ class DPOTrainer:
                                      self.inputs.gold, self.eval_cfg)
         if self.strategy.is_main:
             self.points.write(point_row(self.inputs.identity, step, result))
+            write_samples(self.points.path.parent, step, result.records)  # read by rlhf_lab.judges.study
         self.logger.log(result.as_metrics(), step)
         log.info("step %d: gold %.4f ± %.4f, KL %.3f ± %.3f", step, result.gold_reward_mean, result.gold_reward_se,
                  result.kl_mean, result.kl_se)

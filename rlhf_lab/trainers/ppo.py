@@ -24,6 +24,7 @@ from rlhf_lab.config import EvalConfig, PPOConfig
 from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.eval.points import point_row
 from rlhf_lab.eval.policy_eval import evaluate_policy
+from rlhf_lab.eval.samples import write_samples
 from rlhf_lab.models.heads import token_values
 from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
 from rlhf_lab.trainers.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -178,6 +179,7 @@ class PPOTrainer:
                                  self.eval_cfg, proxy_reward=self.models.reward)
         if self.actor_s.is_main:
             self.points.write(point_row(self.identity, self.step, result, proxy_reward=result.proxy_reward_mean))
+            write_samples(self.checkpoint_dir.parent, self.step, result.records)  # for rlhf_lab.judges
         self.logger.log(result.as_metrics(), self.step)
         log.info("step %d: gold %.4f ± %.4f, KL %.3f ± %.3f, proxy %.3f", self.step, result.gold_reward_mean,
                  result.gold_reward_se, result.kl_mean, result.kl_se, result.proxy_reward_mean)
