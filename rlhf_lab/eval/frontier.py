@@ -20,7 +20,7 @@ method's frontier and win every KL budget without any training; it is reported s
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
