@@ -63,6 +63,12 @@ def _fingerprint(where: str, gguf_file: str | None) -> str:
     return where  # a hub id
 
 
+def _context_size(model) -> int:
+    config = getattr(model, "config", None)
+    sizes = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    return min([s for s in sizes if isinstance(s, int) and s > 0] or [10**9])
+
+
 def judge_prompt_text(tokenizer, template: JudgeTemplate, item: Comparison) -> str:
     """The chat-templated judge prompt (generation prompt added) followed by the template's answer prefix."""
     messages = template.messages(item.prompt, item.response_a, item.response_b)
@@ -98,6 +104,7 @@ class HFJudge(Judge):
         self.name, self.model_id = cfg.name, model_id
         self.label_ids = label_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.max_length = min(cfg.max_length, _context_size(model))  # longer prompts would index past positions
 
     @classmethod
     def from_config(cls, cfg: HFJudgeConfig, template: JudgeTemplate) -> HFJudge:
@@ -105,7 +112,7 @@ class HFJudge(Judge):
         return cls(model, tokenizer, template, cfg, model_id)
 
     def identity(self) -> str:
-        return (f"hf|{self.model_id}|max_length={self.cfg.max_length}|tie_margin={self.cfg.tie_margin}"
+        return (f"hf|{self.model_id}|max_length={self.max_length}|tie_margin={self.cfg.tie_margin}"
                 f"|template={self.template.hash()}")
 
     @property
@@ -131,7 +138,7 @@ class HFJudge(Judge):
     def label_probabilities(self, items: Sequence[Comparison]) -> torch.Tensor:
         """(N, 2) next-token probabilities of [A, B] (summed over each label's token ids, full softmax)."""
         texts = [judge_prompt_text(self.tokenizer, self.template, item) for item in items]
-        rows = [self.tokenizer.encode(t, add_special_tokens=False)[-self.cfg.max_length:] for t in texts]
+        rows = [self.tokenizer.encode(t, add_special_tokens=False)[-self.max_length:] for t in texts]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
