@@ -50,16 +50,42 @@ def summary_table(points: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
-def finish_study(study_dir: Path, spec: dict, cfg: RunConfig, started: float) -> pd.DataFrame:
+def write_frontier(study_dir: Path, points: pd.DataFrame) -> pd.DataFrame:
+    """`<study_dir>/frontier.csv`: each method's Pareto-frontier points (seed means with 95% CIs)."""
+    from rlhf_lab.eval.frontier import aggregate_seeds, pareto_frontier
+
+    frontier = pareto_frontier(aggregate_seeds(points)) if not points.empty else pd.DataFrame()
+    atomic_write_text(study_dir / "frontier.csv", frontier.to_csv(index=False))
+    return frontier
+
+
+def finish_study(study_dir: Path, spec: dict, cfg: RunConfig, started: float | None) -> pd.DataFrame:
     """Aggregate, judge (if the study names judges), draw, report and log the study; print the short tables."""
+    from rlhf_lab.study.report import frontier_summary_text, write_report
     from rlhf_lab.tracking.study_wandb import log_study
 
     phase_started = time.time()
     points = aggregate_points(study_dir)
-    record.record_study(study_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        wall_seconds=round(time.time() - started, 1))
-    print(summary_table(points))
-    log_study(study_dir, points, cfg.logger, spec["name"])
+    if spec.get("judges") and not points.empty:
+        from rlhf_lab.study.judging import judge_study_points
+
+        points = judge_study_points(study_dir, spec["judges"], cfg, points)
+    frontier = write_frontier(study_dir, points)
+    if started is not None:  # a whole local study; an aggregate job alone does not know the study's start
+        record.record_study(study_dir, wall_seconds=round(time.time() - started, 1))
+    record.record_study(study_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    report = write_report(study_dir)
+    figures = {p.stem: p for p in sorted((study_dir / "figures").glob("*.png"))}
+    wandb_dir = log_study(study_dir, points, cfg.logger, spec["name"],
+                          frontier.rename(columns={"method_label": "method", "gold_mean": "gold_reward_mean"}),
+                          figures)
     record.record_study(study_dir, phase_seconds={"aggregate": round(time.time() - phase_started, 1)})
+    print(summary_table(points))
+    print("\nbest gold reward per method within each KL budget (nats):")
+    print(frontier_summary_text(points))
     print(f"\npoints table: {study_dir / 'points.csv'} ({points['run_id'].nunique() if len(points) else 0} runs)")
+    print(f"frontier:     {study_dir / 'frontier.csv'}, figures in {study_dir / 'figures'}")
+    print(f"report:       {report}")
+    if wandb_dir:
+        print(f"W&B (offline): wandb sync {wandb_dir}")
     return points

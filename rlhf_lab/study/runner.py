@@ -37,6 +37,7 @@ from rlhf_lab.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 PHASES = ("all", "list", "stages", "point", "aggregate")
 STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher")
+STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges")
 
 
 @dataclass
@@ -51,7 +52,7 @@ class StudyArgs:
     name: str = "imdb"
     phase: str = "all"
     index: int | None = None     # sweep point for phase=point
-    jobs: int = 1                # sweep points run at once on this machine
+    jobs: int | None = None      # sweep points run at once on this machine (None = the study file's `jobs`, or 1)
     launcher: str = "local"      # local | slurm
     overrides: tuple[str, ...] = ()
 
@@ -69,11 +70,11 @@ def parse_study_args(args: list[str]) -> StudyArgs:
     if parsed.launcher not in ("local", "slurm"):
         raise ConfigError(f"launcher={parsed.launcher!r}: expected local or slurm")
     index = opts.get("index", os.environ.get("SLURM_ARRAY_TASK_ID") if parsed.phase == "point" else None)
-    for key, value in (("index", index), ("jobs", opts.get("jobs", "1"))):
+    for key, value in (("index", index), ("jobs", opts.get("jobs"))):
         if value is not None and not str(value).isdigit():
             raise ConfigError(f"{key}={value!r}: expected a non-negative integer")
     parsed.index = None if index is None else int(index)
-    parsed.jobs = max(1, int(opts.get("jobs", "1")))
+    parsed.jobs = max(1, int(opts["jobs"])) if "jobs" in opts else None
     if parsed.phase == "point" and parsed.index is None:
         raise ConfigError("phase=point needs index=I (or SLURM_ARRAY_TASK_ID in the environment)")
     return parsed
@@ -88,6 +89,10 @@ def load_study(name: str) -> dict:
     for key in ("name", "arms"):
         if key not in spec:
             raise ConfigError(f"study file {path}: missing key '{key}'")
+    unknown = set(spec) - set(STUDY_KEYS)
+    if unknown:
+        raise ConfigError(f"study file {path}: unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(expected {', '.join(STUDY_KEYS)})")
     for arm, arm_spec in spec["arms"].items():
         for key in arm_spec or {}:
             if key not in ("overrides", "sweep"):
@@ -206,7 +211,9 @@ def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Pa
                 log.error("run %s failed: %s (details in %s)", point.run_id, e,
                           study_dir / "runs" / point.run_id / "error.txt")
     else:
-        failures = _run_pool(points, study_dir, jobs)
+        # longest first (PPO's four models cost more per step than DPO's two): a shorter tail when jobs > 1
+        longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, PPOConfig))
+        failures = _run_pool([p for p, _ in longest_first], study_dir, jobs)
     record.record_study(study_dir, phase_seconds={"runs": round(time.time() - started, 1)})
     return failures
 
@@ -272,9 +279,10 @@ def _run_phases(opts: StudyArgs, spec: dict, points, configs, study_dir: Path) -
         return 0
     if opts.phase in ("all", "stages"):
         run_stages(configs, study_dir)
-    failures = run_points(points, configs, study_dir, opts.jobs) if opts.phase == "all" else []
+    jobs = opts.jobs or int(spec.get("jobs", 1))
+    failures = run_points(points, configs, study_dir, jobs) if opts.phase == "all" else []
     if opts.phase in ("all", "aggregate"):
-        finish_study(study_dir, spec, configs[0], started)
+        finish_study(study_dir, spec, configs[0], started if opts.phase == "all" else None)
     if failures:
         print(f"FAILED runs: {', '.join(failures)} (`rlhf-lab status study={opts.name}` shows their errors; "
               f"rerunning the study completes only what is missing)")

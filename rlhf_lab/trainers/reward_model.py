@@ -39,6 +39,7 @@ def validate_reward_config(cfg: RewardModelConfig) -> None:
         (cfg.steps >= 1, "steps", ">= 1", cfg.steps),
         (cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size),
         (cfg.lr > 0, "lr", "> 0", cfg.lr),
+        (cfg.weight_decay >= 0, "weight_decay", ">= 0", cfg.weight_decay),
         (cfg.warmup_steps >= 0, "warmup_steps", ">= 0", cfg.warmup_steps),
         (cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "max_grad_norm", "> 0 or null", cfg.max_grad_norm),
         (cfg.center_rewards_coefficient is None or cfg.center_rewards_coefficient >= 0,
@@ -82,7 +83,8 @@ def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_
 
     pad_id = tokenizer.pad_token_id
     strategy.max_grad_norm = cfg.max_grad_norm
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     model = strategy.setup(model, optimizer, warmup_schedule(optimizer, cfg.warmup_steps))
     device = strategy.device
 
