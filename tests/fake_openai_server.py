@@ -69,7 +69,7 @@ def _handler(server: FakeOpenAIServer):
         def log_message(self, *args) -> None:  # keep test output quiet
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
             auth = self.headers.get("authorization", "")
             server.seen_auth.add(auth)

@@ -15,7 +15,13 @@ from rlhf_lab.judges.base import WINNERS
 from rlhf_lab.judges.cache import VerdictCache
 from rlhf_lab.judges.config import OpenAIJudgeConfig
 from rlhf_lab.judges.evaluate import judge_pairs
-from rlhf_lab.judges.openai_judge import JudgeAuthError, OpenAIJudge, backoff_delay, public_url, resolve_api_key
+from rlhf_lab.judges.openai_judge import (
+    JudgeAuthError,
+    OpenAIJudge,
+    backoff_delay,
+    public_url,
+    resolve_api_key,
+)
 from rlhf_lab.judges.templates import TEMPLATES
 from rlhf_lab.utils.errors import ConfigError
 from tests.fake_openai_server import FakeOpenAIServer

@@ -146,7 +146,7 @@ def test_cache_is_safe_under_concurrent_writers(tmp_path):
 
 def test_oracle_bradley_terry_noise_matches_its_probability_and_is_order_independent():
     scores = {f"c{i}": float(i) / 100 for i in range(200)}
-    scorer = lambda prompts, completions: np.array([scores[c] for c in completions])  # noqa: E731
+    scorer = lambda prompts, completions: np.array([scores[c] for c in completions])
     noiseless = OracleJudge(scorer, OracleJudgeConfig())
     assert [v.winner for v in noiseless.judge_many([Comparison("p", "c5", "c3"), Comparison("p", "c3", "c5"),
                                                     Comparison("p", "c4", "c4")])] == ["A", "B", "tie"]

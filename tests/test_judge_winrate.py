@@ -6,8 +6,17 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_lab.judges.winrate import (agreement, bootstrap_ci, bootstrap_means, combine_orders,
-                                     length_controlled_win_rate, orient, position_bias_rate, summarize, win_rate)
+from rlhf_lab.judges.winrate import (
+    agreement,
+    bootstrap_ci,
+    bootstrap_means,
+    combine_orders,
+    length_controlled_win_rate,
+    orient,
+    position_bias_rate,
+    summarize,
+    win_rate,
+)
 
 nan = math.nan
 

