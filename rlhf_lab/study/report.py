@@ -113,9 +113,9 @@ def _judges(inputs: rt.StudyInputs) -> str:
 def _provenance(meta: dict) -> str:
     git = meta.get("git") or {}
     facts = pd.DataFrame([
-        {"": "git SHA", " ": f"{git.get('sha') or 'unknown'}{' (dirty tree)' if git.get('dirty') else ''}"},
-        {"": "started", " ": str(meta.get("started", "unknown"))},
-        {"": "finished", " ": str(meta.get("finished", "unknown"))},
+        {"item": "git SHA", "value": f"{git.get('sha') or 'unknown'}{' (dirty tree)' if git.get('dirty') else ''}"},
+        {"item": "started", "value": str(meta.get("started", "unknown"))},
+        {"item": "finished", "value": str(meta.get("finished", "unknown"))},
     ])
     versions = pd.DataFrame([{"package": k, "version": str(v)} for k, v in (meta.get("versions") or {}).items()])
     spec = meta.get("spec")
