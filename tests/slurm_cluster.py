@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 PR_SET_CHILD_SUBREAPER = 36
 DAEMONS = ("munged", "slurmctld", "slurmd")   # start order; stopped in reverse
 
@@ -210,11 +212,10 @@ class LocalCluster:
 
     def start(self, timeout: float = 60) -> LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "supervisor.log", "ab")
-        # its own session: a Ctrl-C in the terminal reaches the supervisor only through stop()
-        self.proc = subprocess.Popen([sys.executable, __file__, "supervise", str(self.root)], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.root / "supervisor.log", "ab") as log:
+            # its own session: a Ctrl-C in the terminal reaches the supervisor only through stop()
+            self.proc = subprocess.Popen([sys.executable, __file__, "supervise", str(self.root)], stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for(lambda: self.node_state() == "idle" or self.proc.poll() is not None, timeout, "an idle node")
             if self.proc.poll() is not None:
@@ -277,6 +278,19 @@ class LocalCluster:
         except subprocess.TimeoutExpired:   # the supervisor itself hung: kill it (its daemons may outlive it)
             self.proc.kill()
             self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private cluster for the test session (SLURM_CONF in `.env`), stopped at its end."""
+    reason = slurm_available()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _wait_for_quietly(predicate, timeout: float) -> None:

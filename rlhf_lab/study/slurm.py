@@ -59,7 +59,7 @@ def sbatch(args: list[str], env: dict[str, str]) -> str:
     """Run sbatch --parsable and return the job id."""
     if not shutil.which("sbatch"):
         raise ConfigError("sbatch not found: launcher=slurm must run on a SLURM login node")
-    out = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True)
+    out = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise ConfigError(f"sbatch {' '.join(args)} failed: {out.stderr.strip()}")
     return out.stdout.strip().split(";")[0]   # "id" or "id;cluster"
