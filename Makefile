@@ -13,7 +13,24 @@ TEST_ARGS ?=
 
 .PHONY: setup study test bench clean-outputs
 
-setup: $(STAMP)
+setup: $(STAMP) $(SYS_STAMP)
+
+# Debian packages the tests drive for real: a single-node SLURM cluster (slurm-wlm, munge) and a headless browser
+# (chromium). Installed once (stamp) and only what is missing; without root or apt-get the install is skipped
+# with a note and those tests skip themselves. `make DEB_PACKAGES= test` opts out.
+DEB_PACKAGES ?= slurm-wlm munge chromium chromium-driver
+SYS_STAMP := $(VENV)/.system-packages
+$(SYS_STAMP):
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then mkdir -p $(VENV) && touch $@; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "note: not installing" $$missing "(needs root and apt-get): the SLURM/browser tests will skip"; \
+	else \
+	  echo "installing Debian packages:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; } \
+	    && mkdir -p $(VENV) && touch $@; \
+	fi
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -29,7 +46,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 study: $(STAMP)
 	$(BIN)/rlhf-lab study $(STUDY_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(SYS_STAMP)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
 # Throughput and memory against TRL (installs the bench extra: trl, psutil).
