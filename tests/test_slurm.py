@@ -163,7 +163,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_ppo(slurm_cluster, a
     """The template as a user submits it by hand: a PPO sweep point gets the time-limit warning (USR1 to the batch
     shell, what --signal=B:USR1@120 sends), checkpoints, exits 0, requeues itself, and the rerun resumes."""
     spec = yaml.safe_load(smoke_subset(tmp_path, ("ppo",)).read_text())
-    spec["overrides"] += ["train.steps=25", "eval.every=100"]       # long enough to be interrupted
+    spec["overrides"] += ["train.steps=60", "eval.every=1000"]      # long enough to be interrupted
     study = tmp_path / "ppo.yaml"
     study.write_text(yaml.safe_dump(spec))
     log = tmp_path / "ppo.out"
@@ -192,4 +192,4 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_ppo(slurm_cluster, a
     run = tmp_path / "smoke_slurm" / "runs" / "ppo-kl_coef0.05-seed0"
     assert (run / "_COMPLETE").is_file()
     with open(run / "points.csv") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 25]   # step 0 once (not re-evaluated on resume)
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 60]   # step 0 once (not re-evaluated on resume)
