@@ -31,6 +31,7 @@ def train_app(raw: DictConfig) -> dict | None:
     from rlhf_lab.config import validate_run_config
     from rlhf_lab.study.pipeline import run_alignment
 
+    quiet_libraries()  # joblib/submitit workers never run main()
     hc = HydraConfig.get()
     try:
         cfg = validate_run_config(raw)

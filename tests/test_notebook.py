@@ -66,10 +66,8 @@ def test_notebook_reproduces_frontier_on_synthetic_study(tmp_path):
     check_notebook_outputs(nb, pd.read_csv(study / "points.csv"))
 
 
-@pytest.mark.skipif(not os.environ.get("RLHF_LAB_NOTEBOOK_STUDY_DIR"),
-                    reason="set RLHF_LAB_NOTEBOOK_STUDY_DIR to a study directory (e.g. the smoke study's output) "
-                           "to execute the notebook on real runs")
-def test_notebook_on_a_real_study(tmp_path):
-    study = Path(os.environ["RLHF_LAB_NOTEBOOK_STUDY_DIR"])
-    nb = execute_frontier_notebook(study, tmp_path)
-    check_notebook_outputs(nb, pd.read_csv(study / "points.csv"))
+@pytest.mark.integration
+def test_notebook_on_the_smoke_study(tmp_path, smoke_study_dir):
+    """The notebook on real runs: the smoke study's points table, run by the study runner (conftest)."""
+    nb = execute_frontier_notebook(smoke_study_dir, tmp_path)
+    check_notebook_outputs(nb, pd.read_csv(smoke_study_dir / "points.csv"))

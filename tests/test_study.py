@@ -50,7 +50,7 @@ def test_bad_study_arguments_are_clear_errors(tmp_path, args, message):
 
 def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
     points = pd.read_csv(smoke_study_dir / "points.csv")
-    assert list(points.columns) == POINT_COLUMNS
+    assert list(points.columns)[:len(POINT_COLUMNS)] == POINT_COLUMNS
     assert sorted(points["run_id"].unique()) == sorted(SMOKE_RUNS)
     assert set(points["method"]) == {"dpo", "ppo", "ppo_gt"}
     assert (points.groupby("run_id")["step"].max() == 3).all()
@@ -61,6 +61,18 @@ def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
     stages = json.loads((smoke_study_dir / "stages.json").read_text())
     built = {e["stage"] for e in stages.values() if "build_seconds" in e}
     assert built == {"task", "sft", "preferences", "reward_model", "reference_logps"}
+    frontier = pd.read_csv(smoke_study_dir / "frontier.csv")
+    assert set(frontier["method_label"]) <= {"dpo (sigmoid)", "ipo", "ppo", "ppo_gt"} and len(frontier) > 0
+    assert sorted(p.name for p in (smoke_study_dir / "figures").glob("*.png")) == [
+        "frontier.png", "kl_vs_step.png", "length_vs_reward.png", "reward_vs_step.png"]
+    judged = points[points["judge_oracle_win_rate"].notna()]  # the study's oracle judge, on final steps only
+    assert len(judged) == len(SMOKE_RUNS) and (judged["step"] == 3).all()
+    assert ((judged["judge_oracle_ci_low"] <= judged["judge_oracle_win_rate"])
+            & (judged["judge_oracle_win_rate"] <= judged["judge_oracle_ci_high"])).all()
+    judgements = pd.read_csv(smoke_study_dir / "judgements.csv")
+    assert set(judgements["run_id"]) == set(SMOKE_RUNS) and (judgements["n"] == 8).all()
+    report = (smoke_study_dir / "report.html").read_text()
+    assert "dpo-beta0.1-seed0" in report and "ppo_gt-kl_coef0.05-seed0" in report
 
 
 def test_rerun_reuses_every_stage_and_run(smoke_study_dir):
@@ -109,7 +121,9 @@ def test_failed_point_is_isolated_reported_and_rerun(tmp_path, smoke_study_dir):
 
 def test_point_phase_runs_one_point_and_status_counts_the_rest(tmp_path, smoke_study_dir):
     spec = failing_study(tmp_path, smoke_study_dir)
-    env_index = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "WANDB_MODE": "offline"}
+    run_ids = cli("study", f"study={spec}", "phase=list", cwd=tmp_path).stdout.split()
+    good = run_ids.index("good-beta0.1-seed0")
+    env_index = {**os.environ, "SLURM_ARRAY_TASK_ID": str(good), "WANDB_MODE": "offline"}
     console = Path(sys.executable).with_name("rlhf-lab")
     out = subprocess.run([str(console), "study", f"study={spec}", "phase=point", f"output_root={tmp_path}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_index)

@@ -82,17 +82,19 @@ def load_run_pairs(run_dir: Path, max_pairs: int | None = None) -> RunPairs | No
 
 
 def judge_study(study_dir: Path, judge_cfgs: list, cache_path: Path, *, n_boot: int = 2000, alpha: float = 0.05,
-                seed: int = 0, max_pairs: int | None = None) -> pd.DataFrame:
+                seed: int = 0, max_pairs: int | None = None, run_ids: set[str] | None = None) -> pd.DataFrame:
     """Judge every run under `<study_dir>/runs/*/` with samples; write and return judgements.csv (see module doc).
 
     `judge_cfgs`: judge configs (dicts, DictConfigs or judges.config dataclasses); `cache_path`: the SQLite
-    verdict cache (share one across studies: identical comparisons are never paid twice)."""
+    verdict cache (share one across studies: identical comparisons are never paid twice); `run_ids`: judge only
+    these runs (None = all); `max_pairs`: the first N held-out prompts of each run."""
     study_dir = Path(study_dir)
     cfgs = [parse_judge_config(c, where=f"judges[{i}]") for i, c in enumerate(judge_cfgs)]
     names = [c.name for c in cfgs]
     if len(set(names)) != len(names):
         raise ConfigError(f"judge names must be unique (they name the columns), got {names}")
-    runs = [p for d in sorted((study_dir / "runs").glob("*/")) if (p := load_run_pairs(d, max_pairs)) is not None]
+    run_dirs = [d for d in sorted((study_dir / "runs").glob("*/")) if run_ids is None or d.name in run_ids]
+    runs = [p for d in run_dirs if (p := load_run_pairs(d, max_pairs)) is not None]
     if not runs:
         log.warning("no run under %s has samples at step 0 and a later step; nothing to judge", study_dir / "runs")
     cache = VerdictCache(cache_path)

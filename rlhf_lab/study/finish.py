@@ -30,11 +30,16 @@ def aggregate_points(study_dir: Path) -> pd.DataFrame:
                  len(run_dirs) - len(complete))
     frames = [pd.read_csv(d / "points.csv") for d in complete]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
+    write_points(study_dir, table)
+    return table
+
+
+def write_points(study_dir: Path, table: pd.DataFrame) -> None:
+    """`points.csv` and `points.parquet`, each written atomically."""
     atomic_write_text(study_dir / "points.csv", table.to_csv(index=False))
     tmp = study_dir / ".points.parquet.tmp"
     table.to_parquet(tmp, index=False)
     tmp.replace(study_dir / "points.parquet")
-    return table
 
 
 def summary_table(points: pd.DataFrame) -> str:
@@ -69,7 +74,8 @@ def finish_study(study_dir: Path, spec: dict, cfg: RunConfig, started: float | N
     if spec.get("judges") and not points.empty:
         from rlhf_lab.study.judging import judge_study_points
 
-        points = judge_study_points(study_dir, spec["judges"], cfg, points)
+        points = judge_study_points(study_dir, spec["judges"], cfg, points)  # + judge_<name>_* columns
+        write_points(study_dir, points)
     frontier = write_frontier(study_dir, points)
     if started is not None:  # a whole local study; an aggregate job alone does not know the study's start
         record.record_study(study_dir, wall_seconds=round(time.time() - started, 1))

@@ -9,7 +9,8 @@ from `rlhf-lab ...` — so a point runs identically here, in a SLURM array task 
     rlhf-lab study study=NAME phase=stages           only the shared stages (SFT, preferences, RM, reference)
     rlhf-lab study study=NAME phase=point index=I    sweep point I (default: $SLURM_ARRAY_TASK_ID)
     rlhf-lab study study=NAME phase=aggregate        points table, frontier, report, W&B study run
-    rlhf-lab study study=NAME launcher=slurm         the three phases above as SLURM jobs (stages → array → aggregate)
+    rlhf-lab study study=NAME launcher=slurm [sbatch="--partition=gpu ..."]
+                                                     the three phases above as SLURM jobs (stages → array → aggregate)
 
 Stages are cached, finished runs are skipped, and a failed point is recorded (error.txt) without stopping others.
 """
@@ -36,7 +37,7 @@ from rlhf_lab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PHASES = ("all", "list", "stages", "point", "aggregate")
-STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher")
+STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher", "sbatch")
 STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges")
 
 
@@ -54,6 +55,7 @@ class StudyArgs:
     index: int | None = None     # sweep point for phase=point
     jobs: int | None = None      # sweep points run at once on this machine (None = the study file's `jobs`, or 1)
     launcher: str = "local"      # local | slurm
+    sbatch: str | None = None    # extra sbatch options for launcher=slurm, e.g. "--partition=gpu --time=2:00:00"
     overrides: tuple[str, ...] = ()
 
 
@@ -64,7 +66,8 @@ def parse_study_args(args: list[str]) -> StudyArgs:
         key, _, value = arg.partition("=")
         (opts.__setitem__(key, value) if key in STUDY_OPTIONS else overrides.append(arg))
     parsed = StudyArgs(name=opts.get("study", "imdb"), phase=opts.get("phase", "all"),
-                       launcher=opts.get("launcher", "local"), overrides=tuple(overrides))
+                       launcher=opts.get("launcher", "local"), sbatch=opts.get("sbatch"),
+                       overrides=tuple(overrides))
     if parsed.phase not in PHASES:
         raise ConfigError(f"phase={parsed.phase!r}: expected one of {', '.join(PHASES)}")
     if parsed.launcher not in ("local", "slurm"):
@@ -143,19 +146,42 @@ def stage_signature(cfg: RunConfig) -> str:
     return stable_hash({"needs": needs, **{k: resolved.get(k) for k in keep}})
 
 
-def run_stages(configs: list[RunConfig], study_dir: Path) -> float:
-    """Build every distinct set of shared stages the study's runs need, before any run starts."""
+def run_stages(configs: list[RunConfig], study_dir: Path) -> dict[str, str]:
+    """Build every distinct set of shared stages the study's runs need, before any run starts.
+
+    Returns {stage signature: error} for the sets that failed (e.g. a missing dataset): the points that need them
+    fail, the others go on."""
     from rlhf_lab.study.pipeline import build_run_stages
 
-    started, seen = time.time(), set()
+    started, seen, errors = time.time(), set(), {}
     for cfg in configs:
         signature = stage_signature(cfg)
-        if signature not in seen:
-            seen.add(signature)
+        if signature in seen:
+            continue
+        seen.add(signature)
+        try:
             record.record_stages(study_dir, build_run_stages(cfg))
-    seconds = time.time() - started
-    record.record_study(study_dir, phase_seconds={"stages": round(seconds, 1)})
-    return seconds
+        except PreemptedError:
+            raise
+        except Exception as e:  # noqa: BLE001 — kept with every point that needed these stages
+            errors[signature] = traceback.format_exc()
+            log.error("shared stages for %s failed: %s", cfg.run_id, e)
+    record.record_study(study_dir, phase_seconds={"stages": round(time.time() - started, 1)})
+    return errors
+
+
+def fail_points_without_stages(points, configs, study_dir: Path, errors: dict[str, str]) -> list[int]:
+    """Write the stage error into each point that needed the failed stages; return the indices still runnable."""
+    runnable = []
+    for i, (point, cfg) in enumerate(zip(points, configs)):
+        error = errors.get(stage_signature(cfg))
+        if error is None:
+            runnable.append(i)
+            continue
+        run_dir = study_dir / "runs" / point.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "error.txt", f"a shared stage this run needs failed:\n{error}")
+    return runnable
 
 
 # ------------------------------------------------------------------------------------------------ point phase
@@ -262,7 +288,11 @@ def study_main(args: list[str]) -> int:
     if opts.launcher == "slurm":
         from rlhf_lab.study.slurm import submit_study
 
-        print(submit_study(opts.name, list(opts.overrides)))
+        import shlex
+
+        jobs = submit_study(opts.name, list(opts.overrides), shlex.split(opts.sbatch) if opts.sbatch else None)
+        print(" ".join(f"{phase}={job}" for phase, job in jobs.items()))
+        print(f"follow it with: rlhf-lab status study={opts.name}")
         return 0
     return _run_phases(opts, spec, points, configs, study_dir)
 
@@ -277,10 +307,14 @@ def _run_phases(opts: StudyArgs, spec: dict, points, configs, study_dir: Path) -
     if opts.phase == "point":
         run_point(points[0], study_dir, configs[0])
         return 0
+    failures, runnable = [], list(range(len(points)))
     if opts.phase in ("all", "stages"):
-        run_stages(configs, study_dir)
-    jobs = opts.jobs or int(spec.get("jobs", 1))
-    failures = run_points(points, configs, study_dir, jobs) if opts.phase == "all" else []
+        errors = run_stages(configs, study_dir)
+        runnable = fail_points_without_stages(points, configs, study_dir, errors)
+        failures = [p.run_id for i, p in enumerate(points) if i not in runnable]
+    if opts.phase == "all":
+        jobs = opts.jobs or int(spec.get("jobs", 1))
+        failures += run_points([points[i] for i in runnable], [configs[i] for i in runnable], study_dir, jobs)
     if opts.phase in ("all", "aggregate"):
         finish_study(study_dir, spec, configs[0], started if opts.phase == "all" else None)
     if failures:
