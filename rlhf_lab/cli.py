@@ -72,6 +72,10 @@ def main() -> None:
             from rlhf_lab.study.status import status_main
 
             sys.exit(status_main(args[1:]))
+        if args and args[0] == "judge":
+            from rlhf_lab.judges.command import judge_main
+
+            sys.exit(judge_main(args[1:]))
         train_app()
     except UserError as e:
         print(f"rlhf-lab: error: {e}", file=sys.stderr)

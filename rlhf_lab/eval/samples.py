@@ -25,9 +25,13 @@ def samples_path(run_dir: Path, step: int) -> Path:
 
 def write_samples(run_dir: Path, step: int, records: list[dict]) -> Path:
     """Write one evaluation's records atomically (readers never see half a file)."""
-    path = samples_path(run_dir, step)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
+    return write_records(samples_path(run_dir, step), records)
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    """Records as JSON lines, written atomically (the format read_samples reads)."""
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return Path(path)
 
 
 def sample_steps(run_dir: Path) -> list[int]:

@@ -96,6 +96,15 @@ def parse_judge_config(node: Any, where: str = "judge") -> JudgeConfig:
     return cfg
 
 
+def parse_judge_configs(nodes: list) -> list[JudgeConfig]:
+    """Several judges (configs or dicts); their names must be unique because they name the output columns/rows."""
+    cfgs = [parse_judge_config(c, where=f"judges[{i}]") for i, c in enumerate(nodes)]
+    names = [c.name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"judge names must be unique (they name the columns), got {names}")
+    return cfgs
+
+
 def load_judge_preset(name: str, overrides: dict | None = None) -> JudgeConfig:
     """A judge from the `judge` config group (`rlhf_lab/conf/judge/<name>.yaml`), with optional key overrides."""
     from omegaconf import OmegaConf

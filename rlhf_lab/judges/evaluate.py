@@ -6,6 +6,7 @@ costs nothing and an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -14,7 +15,14 @@ import numpy as np
 from rlhf_lab.judges.base import Comparison, Judge, Usage, Verdict
 from rlhf_lab.judges.cache import VerdictCache, verdict_key
 from rlhf_lab.judges.config import JudgeConfig
-from rlhf_lab.judges.winrate import combine_orders, orient
+from rlhf_lab.judges.winrate import (
+    agreement,
+    combine_orders,
+    length_controlled_win_rate,
+    orient,
+    position_bias_rate,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,23 @@ def judge_pairs(judge: Judge, prompts: Sequence[str], policy: Sequence[str], bas
     outcomes = combine_orders(first, second) if both_orders else first
     usage = sum((v.usage for v in verdicts if not v.cached), Usage())
     return JudgedPairs(first, second, outcomes, verdicts, usage, sum(v.cached for v in verdicts))
+
+
+def win_rate_metrics(judge: Judge, judged: JudgedPairs, policy_len: np.ndarray, baseline_len: np.ndarray,
+                     oracle: np.ndarray | None, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """One judge's summary of judged pairs: counts, win rate with bootstrap CI, length-controlled win rate,
+    position-bias rate, agreement with `oracle` outcomes (NaN when None), usage and cost. Lengths: (N,) tokens."""
+    s = summarize(judged.outcomes, n_boot, alpha, seed)
+    bias = position_bias_rate(judged.first, judged.second) if judged.second is not None else math.nan
+    return {
+        "n": s.n, "wins": s.wins, "losses": s.losses, "ties": s.ties, "invalid": s.invalid, "win_rate": s.win_rate,
+        "win_rate_ci_low": s.ci_low, "win_rate_ci_high": s.ci_high,
+        "lc_win_rate": length_controlled_win_rate(judged.outcomes, policy_len, baseline_len),
+        "position_bias_rate": bias,
+        "agreement_with_oracle": math.nan if oracle is None else agreement(judged.outcomes, oracle)[0],
+        "requests": judged.usage.requests, "tokens": judged.usage.tokens,
+        "cost_usd": judge.usage_cost_usd(judged.usage), "cached": judged.cached,
+    }
 
 
 def build_judge(cfg: JudgeConfig, scorer=None, scorer_id: str = "gold") -> Judge:

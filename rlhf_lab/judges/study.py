@@ -20,12 +20,12 @@ import pandas as pd
 from rlhf_lab.eval.samples import read_samples, sample_steps, samples_path
 from rlhf_lab.judges.base import Judge
 from rlhf_lab.judges.cache import VerdictCache
-from rlhf_lab.judges.config import JudgeConfig, parse_judge_config
-from rlhf_lab.judges.evaluate import build_judge, judge_pairs
+from rlhf_lab.judges.config import JudgeConfig, parse_judge_configs
+from rlhf_lab.judges.evaluate import build_judge, judge_pairs, win_rate_metrics
 from rlhf_lab.judges.oracle import RecordScorer
-from rlhf_lab.judges.winrate import agreement, length_controlled_win_rate, position_bias_rate, summarize
+from rlhf_lab.judges.winrate import agreement
 from rlhf_lab.utils.cache import atomic_write_text
-from rlhf_lab.utils.errors import ConfigError, DataError
+from rlhf_lab.utils.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,8 @@ def judge_study(study_dir: Path, judge_cfgs: list, cache_path: Path, *, n_boot: 
     verdict cache (share one across studies: identical comparisons are never paid twice); `run_ids`: judge only
     these runs (None = all); `max_pairs`: the first N held-out prompts of each run."""
     study_dir = Path(study_dir)
-    cfgs = [parse_judge_config(c, where=f"judges[{i}]") for i, c in enumerate(judge_cfgs)]
+    cfgs = parse_judge_configs(judge_cfgs)
     names = [c.name for c in cfgs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"judge names must be unique (they name the columns), got {names}")
     run_dirs = [d for d in sorted((study_dir / "runs").glob("*/")) if run_ids is None or d.name in run_ids]
     runs = [p for d in run_dirs if (p := load_run_pairs(d, max_pairs)) is not None]
     if not runs:
@@ -125,20 +123,12 @@ def judge_study(study_dir: Path, judge_cfgs: list, cache_path: Path, *, n_boot: 
 def _judge_run(judge: Judge, cfg: JudgeConfig, run: RunPairs, cache: VerdictCache, n_boot: int, alpha: float,
                seed: int) -> tuple[dict, np.ndarray]:
     judged = judge_pairs(judge, run.prompts, run.policy, run.baseline, cache, both_orders=cfg.both_orders)
-    s = summarize(judged.outcomes, n_boot, alpha, seed)
-    bias = position_bias_rate(judged.first, judged.second) if judged.second is not None else math.nan
-    row = {
-        "run_id": run.run_id, "judge": cfg.name, "temperature": run.temperature, "n": s.n, "wins": s.wins,
-        "losses": s.losses, "ties": s.ties, "invalid": s.invalid, "win_rate": s.win_rate,
-        "win_rate_ci_low": s.ci_low, "win_rate_ci_high": s.ci_high,
-        "lc_win_rate": length_controlled_win_rate(judged.outcomes, run.policy_len, run.baseline_len),
-        "position_bias_rate": bias, "agreement_with_oracle": agreement(judged.outcomes, run.oracle)[0],
-        "requests": judged.usage.requests, "tokens": judged.usage.tokens,
-        "cost_usd": judge.usage_cost_usd(judged.usage), "step": run.step, "baseline_step": run.baseline_step,
-        "cached": judged.cached,
-    }
+    metrics = win_rate_metrics(judge, judged, run.policy_len, run.baseline_len, run.oracle, n_boot, alpha, seed)
+    row = {"run_id": run.run_id, "judge": cfg.name, "temperature": run.temperature, **metrics, "step": run.step,
+           "baseline_step": run.baseline_step}
     log.info("%s / %s: win rate %.3f [%.3f, %.3f] (n=%d, invalid %d), LC %.3f, position bias %.3f",
-             run.run_id, cfg.name, s.win_rate, s.ci_low, s.ci_high, s.n, s.invalid, row["lc_win_rate"], bias)
+             run.run_id, cfg.name, row["win_rate"], row["win_rate_ci_low"], row["win_rate_ci_high"], row["n"],
+             row["invalid"], row["lc_win_rate"], row["position_bias_rate"])
     return row, judged.outcomes
 
 

@@ -3,6 +3,7 @@
 Our own loop instead of `generate`: it samples from exactly the tempered softmax that `models.logprobs` scores
 (no hidden top-k/top-p defaults), is deterministic under a `torch.Generator`, and returns batches in the
 shared layout, ready for log-prob passes. Completions stop after the first EOS (kept, scored) and are padded.
+Temperature 0 is greedy decoding (argmax; the generator is not consumed), as in the DPO paper's T=0 win rates.
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def sample_completions(
     batch_size: int = 128,
     generator: torch.Generator | None = None,
 ) -> SequenceBatch:
-    """One completion per prompt (repeat prompts for k samples). Returns (N, P + C) with C ≤ max_new_tokens."""
+    """One completion per prompt (repeat prompts for k samples). Returns (N, P + C) with C ≤ max_new_tokens.
+    temperature=0 decodes greedily; a negative temperature is an error."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -49,8 +53,7 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
                     past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        nxt = sample_categorical(probs, generator)
+        nxt = next_tokens(out.logits[:, -1], temperature, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         finished |= nxt == eos_id
@@ -61,6 +64,13 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
         step_ids = nxt[:, None]
     sampled = torch.stack(tokens, dim=1).tolist()  # (n, T)
     return [_strip_after_eos(row, eos_id, pad_id) for row in sampled]
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(N, V) last-position logits → (N,) token ids: argmax at temperature 0, else a draw from softmax(logits / T)."""
+    if temperature == 0:  # the T → 0 limit of the tempered softmax; dividing by 0 would give NaNs
+        return logits.argmax(dim=-1)
+    return sample_categorical(torch.softmax(logits.float() / temperature, dim=-1), generator)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
