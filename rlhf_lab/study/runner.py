@@ -214,12 +214,34 @@ def _point_in_worker(point: SweepPoint, study_dir: Path, threads: int) -> tuple[
 
     quiet_libraries()
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s {point.run_id}] %(message)s", datefmt="%H:%M:%S")
+    _log_lines_as(point.run_id)
     try:
         run_point(point, study_dir)
         return point.run_id, None
+    except PreemptedError as e:  # asked to stop: the run checkpointed and resumes on the next study run
+        return point.run_id, f"stopped: {e}"
     except Exception as e:  # noqa: BLE001 — reported by the parent, details in error.txt
         return point.run_id, f"{type(e).__name__}: {e}"
+
+
+def _log_lines_as(run_id: str) -> None:
+    """Prefix this worker's log lines with the point it runs now (a worker runs several points in turn)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s {run_id}] %(message)s", datefmt="%H:%M:%S"))
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux a worker gets SIGTERM when the study process dies (killed, job cancelled), instead
+    of training on as an orphan; a PPO run then checkpoints and stops."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Path, jobs: int) -> list[str]:
@@ -252,7 +274,7 @@ def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int) -> list[str]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log.info("running %d points, %d at a time with %d torch thread(s) each", len(points), jobs, threads)
     failures = []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent) as pool:
         futures = {pool.submit(_point_in_worker, p, study_dir, threads): p for p in points}
         for future in as_completed(futures):
             point = futures[future]

@@ -30,7 +30,9 @@ def log_study(study_dir: Path, points: pd.DataFrame, cfg: LoggerConfig, study: s
                      name=f"{study}-study", job_type="study", tags=[*cfg.tags, "study"], dir=str(study_dir),
                      config={"study": study}, reinit="finish_previous")
     try:
-        logged = {"points": wandb.Table(dataframe=points.fillna(""))}
+        # missing values as None (W&B's optional), not "": a column must keep one type (judge columns are empty
+        # on every row but the final step's)
+        logged = {"points": wandb.Table(dataframe=points.astype(object).where(points.notna(), None))}
         final = points.loc[points["step"] > 0]
         if not final.empty:
             table = wandb.Table(dataframe=final[["method", "run_id", "kl_mean", "gold_reward_mean"]])
