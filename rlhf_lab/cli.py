@@ -5,6 +5,8 @@
                                           run a whole study (default: the embedded imdb study): stages, sweep
                                           points, points table, frontier, report (see rlhf_lab/study/runner.py)
     rlhf-lab status [study=NAME]          which stages and runs of a study are done, running, failed or missing
+    rlhf-lab judge run_dir=DIR [temperatures=[…]] [baseline=sft|chosen|DIR] [judges=[…]]
+                                          win rates of a run's policy vs a baseline per sampling temperature
 
 User errors (bad config, bad data, missing paths) end with one clear message and exit code 2, never a traceback;
 a diverged run (NaN/inf loss) ends with exit code 3 and leaves its run directory incomplete.
