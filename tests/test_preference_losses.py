@@ -25,20 +25,7 @@ from rlhf_lab.algos.preference import (
     preference_metrics,
     validate_params,
 )
-from tests.float64 import ATOL, RTOL, assert_close, t  # noqa: F401
-
-
-
-# ---------------------------------------------------------------------------------------------- math helpers
-def logsig(x: float) -> float:
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
-
-
-def sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-
+from tests.float64 import ATOL, RTOL, assert_close, logsig, sig, t  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------- data
 # REFERENCE.md worked example (policy lc/lr, reference Lc/Lr); lengths deliberately unequal.

@@ -14,19 +14,7 @@ from rlhf_lab.algos.reward import (
     fit_reward_normalization,
     normalize_rewards,
 )
-from tests.float64 import ATOL, RTOL, assert_close, t  # noqa: F401
-
-
-
-
-
-def logsig(x: float) -> float:
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
-
-
-def sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
+from tests.float64 import ATOL, RTOL, assert_close, logsig, sig, t  # noqa: F401
 
 RC = [1.0, 0.5, -0.2, 2.0]
 RR = [0.0, 0.7, -0.2, -1.0]
