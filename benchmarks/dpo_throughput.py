@@ -441,24 +441,35 @@ def parent_main(args) -> None:
     print(f"\nwritten: {out}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--contestants", default=",".join(CONTESTANTS))
+def benchmark_parser(doc: str, contestants: list[str], results_name: str) -> argparse.ArgumentParser:
+    """The options every benchmark here shares: contestants, threads, output file, and the hidden child options
+    the parent passes to each contestant's subprocess."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--contestants", default=",".join(contestants))
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (all contestants)")
-    p.add_argument("--pairs", type=int, default=None, help="dataset size (default max(256, 16·(steps+warmup)))")
-    p.add_argument("--timeout", type=int, default=600, help="seconds per (contestant, precision) subprocess")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "dpo_throughput.json"))
-    p.add_argument("--child", choices=CONTESTANTS, help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / results_name))
+    p.add_argument("--child", choices=contestants, help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_checked(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
+
+
+def parse_args(argv=None):
+    p = benchmark_parser(__doc__, CONTESTANTS, "dpo_throughput.json")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--pairs", type=int, default=None, help="dataset size (default max(256, 16·(steps+warmup)))")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per (contestant, precision) subprocess")
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    return parse_checked(p, argv)
 
 
 if __name__ == "__main__":

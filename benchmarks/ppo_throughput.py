@@ -52,7 +52,6 @@ Run (the lead's full benchmark):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -69,9 +68,11 @@ from dpo_throughput import (
     PEAK,
     SEED,
     SPECIALS,
+    benchmark_parser,
     build_assets,
     launch_child,
     machine_info,
+    parse_checked,
     reset_peak_rss,
     rss_peak_mib,
     save_progress,
@@ -388,22 +389,13 @@ def parent_main(args) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = benchmark_parser(__doc__, CONTESTANTS, "ppo_throughput.json")
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps (rollout + 4 epochs each)")
     p.add_argument("--warmup", type=int, default=1, help="untimed PPO steps first")
-    p.add_argument("--contestants", default=",".join(CONTESTANTS))
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (all contestants)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per contestant subprocess")
     p.add_argument("--trl-python", default=".venv-trl112/bin/python",
                    help="interpreter of the TRL 1.12 venv (relative to the repo root unless absolute)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ppo_throughput.json"))
-    p.add_argument("--child", choices=CONTESTANTS, help=argparse.SUPPRESS)
-    p.add_argument("--assets", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    return parse_checked(p, argv)
 
 
 if __name__ == "__main__":
