@@ -47,15 +47,8 @@ def tiny_model(tiny_tokenizer):
 def smoke_study_dir(tmp_path_factory):
     """The real `smoke` study (every arm, tiny models) run once through the console script, two points at a time;
     tests that need a finished study (status, report, notebook) read its output directory."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.cli import run_cli
 
     root = tmp_path_factory.mktemp("smoke_study")
-    console = Path(sys.executable).with_name("rlhf-lab")
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    out = subprocess.run([str(console), "study", "study=smoke", "jobs=2", f"output_root={root}"], cwd=root,
-                         capture_output=True, text=True, timeout=900, env=env)
-    if out.returncode != 0:
-        raise AssertionError(f"smoke study failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    run_cli(["study", "study=smoke", "jobs=2", f"output_root={root}"], root, timeout=900)
     return root / "smoke"

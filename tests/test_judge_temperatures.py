@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from rlhf_lab.judges.temperatures import (
 )
 from rlhf_lab.models.sampling import sample_completions
 from rlhf_lab.utils.errors import ConfigError
+from tests.cli import run_cli
 
 PROMPTS = ["this movie", "the worst film", "a fine cast and", "i loved the music", "the plot was"]
 SAMPLING = SamplingConfig(max_new_tokens=6, batch_size=4, seed=3)
@@ -167,9 +167,7 @@ def test_bad_options_fail_with_the_key_named(tmp_path):
 
 
 def console(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("rlhf-lab")
-    return subprocess.run([str(exe), "judge", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return run_cli(["judge", *args], cwd, check=False, timeout=120)
 
 
 def test_console_script_writes_the_table_and_names_bad_input(checkpoints, tmp_path):

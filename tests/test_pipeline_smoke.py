@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import torch
 import yaml
 
 from rlhf_lab.eval.points import POINT_COLUMNS
+from tests.cli import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +23,6 @@ TINY = [
     "preferences.max_new_tokens=12", "data.max_completion_length=13", "train.steps=3", "train.batch_size=8",
     "train.micro_batch_size=4", "eval.every=2", "eval.max_new_tokens=12",
 ]
-
-
-def run_cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    # the installed console script, exactly as users call it (it resolves configs differently from `python -m`)
-    console = Path(sys.executable).with_name("rlhf-lab")
-    out = subprocess.run([str(console), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    if check and out.returncode != 0:
-        raise AssertionError(f"rlhf-lab {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +107,11 @@ def test_cpu_runs_are_deterministic(first_run, workspace):
     assert a == b
 
 
-def test_multirun_basic_launcher_sweeps_beta(workspace):
-    sweep = workspace / "sweep"
+@pytest.mark.parametrize("launcher", ["basic", "local"])   # local = joblib, two points in parallel
+def test_multirun_launcher_sweeps_beta(workspace, launcher):
+    sweep = workspace / f"sweep_{launcher}"
     run_cli(["-m", *TINY, "train.steps=1", "eval.every=1", "algo.beta=0.05,1", f"output_root={workspace}",
-             f"hydra.sweep.dir={sweep}"], workspace)
+             f"hydra.sweep.dir={sweep}", f"hydra/launcher={launcher}"], workspace)
     betas = sorted(float(read_points(p)[0]["beta"]) for p in sweep.glob("*/points.csv"))
     assert betas == [0.05, 1.0]
 

@@ -3,15 +3,14 @@ SIGTERM checkpoint-and-exit, and non-finite rewards."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.cli import CONSOLE, cli_env, run_cli
 from tests.test_pipeline_smoke import TINY, read_points
 
 pytestmark = pytest.mark.integration
@@ -22,22 +21,16 @@ PPO = ["train.steps=4", "eval.every=2", "algo.rollout_batch_size=8", "algo.micro
 VOLATILE = ("per_s",)  # wall-clock metrics differ between runs by nature
 
 
+def ppo_args(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, *PPO, *extra, f"output_root={workspace}", f"hydra.run.dir={run_dir}"]
+
+
 def command(workspace: Path, run_dir: Path, *extra: str) -> list[str]:
-    console = Path(sys.executable).with_name("rlhf-lab")
-    return [str(console), *TINY, *PPO, *extra, f"output_root={workspace}", f"hydra.run.dir={run_dir}"]
-
-
-def env() -> dict:
-    repo = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": repo}
+    return [str(CONSOLE), *ppo_args(workspace, run_dir, *extra)]
 
 
 def run(workspace, run_dir, *extra, check=True):
-    out = subprocess.run(command(workspace, run_dir, *extra), cwd=workspace, capture_output=True, text=True,
-                         timeout=600, env=env())
-    if check and out.returncode != 0:
-        raise AssertionError(out.stderr[-3000:])
-    return out
+    return run_cli(ppo_args(workspace, run_dir, *extra), workspace, check)
 
 
 def train_metrics(run_dir: Path) -> list[dict]:
@@ -86,7 +79,7 @@ def test_ppo_with_learned_reward_model(workspace):
 
 def test_sigkill_then_resume_reproduces_uninterrupted_run(workspace, ppo_gt_run):
     run_dir = workspace / "killed"
-    proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt"), cwd=workspace, env=env(),
+    proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt"), cwd=workspace, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "step-000002" / "_COMPLETE").exists():
@@ -105,7 +98,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(workspace, ppo_gt_run)
 def test_sigterm_checkpoints_and_exits_cleanly(workspace):
     run_dir = workspace / "term"
     proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt", "train.steps=50", "algo.checkpoint_every=100"),
-                            cwd=workspace, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=workspace, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() or '"objective/kl"' not in (run_dir / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline

@@ -6,7 +6,6 @@ Skipped only where SLURM is not installed (`make setup` installs Debian's slurm-
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from rlhf_lab.study.slurm import submit_study
+from tests.cli import cli_env, run_cli
 from tests.slurm_cluster import slurm_available, slurm_cluster  # noqa: F401 — the session fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,11 +26,7 @@ WAIT_S = 240   # generous: the jobs share 2 cores with whatever else runs
 
 
 def rlhf_lab(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    console = Path(sys.executable).with_name("rlhf-lab")
-    out = subprocess.run([str(console), *args], capture_output=True, text=True, timeout=timeout, check=False,
-                         env={**os.environ, **(env or {}), "WANDB_MODE": "offline"}, cwd=REPO)
-    assert out.returncode == 0, f"rlhf-lab {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}"
-    return out
+    return run_cli(list(args), REPO, timeout=timeout, env={**cli_env(), **(env or {})})
 
 
 def smoke_subset(tmp: Path, arms: tuple[str, ...]) -> Path:

@@ -6,9 +6,7 @@ hides in the status."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +14,7 @@ import pytest
 import yaml
 
 from rlhf_lab.eval.points import POINT_COLUMNS
+from tests.cli import cli_env, run_cli
 
 pytestmark = pytest.mark.integration
 SMOKE_RUNS = ["dpo-beta0.1-seed0", "dpo-beta1-seed0", "ipo-beta0.5-seed0", "ppo-kl_coef0.05-seed0",
@@ -23,13 +22,7 @@ SMOKE_RUNS = ["dpo-beta0.1-seed0", "dpo-beta1-seed0", "ipo-beta0.5-seed0", "ppo-
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    console = Path(sys.executable).with_name("rlhf-lab")
-    out = subprocess.run([str(console), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "WANDB_MODE": "offline"})
-    if check and out.returncode != 0:
-        raise AssertionError(f"rlhf-lab {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n"
-                             f"{out.stderr[-3000:]}")
-    return out
+    return run_cli(list(args), cwd, check)
 
 
 def test_list_phase_names_every_point_in_order(tmp_path):
@@ -123,11 +116,8 @@ def test_point_phase_runs_one_point_and_status_counts_the_rest(tmp_path, smoke_s
     spec = failing_study(tmp_path, smoke_study_dir)
     run_ids = cli("study", f"study={spec}", "phase=list", cwd=tmp_path).stdout.split()
     good = run_ids.index("good-beta0.1-seed0")
-    env_index = {**os.environ, "SLURM_ARRAY_TASK_ID": str(good), "WANDB_MODE": "offline"}
-    console = Path(sys.executable).with_name("rlhf-lab")
-    out = subprocess.run([str(console), "study", f"study={spec}", "phase=point", f"output_root={tmp_path}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env_index)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_cli(["study", f"study={spec}", "phase=point", f"output_root={tmp_path}"], tmp_path,
+            env={**cli_env(), "SLURM_ARRAY_TASK_ID": str(good)})   # index from the array task id
     runs = tmp_path / "flaky" / "runs"
     assert (runs / "good-beta0.1-seed0" / "_COMPLETE").exists() and not (runs / "broken-beta0.1-seed0").exists()
     status = cli("status", f"study={spec}", f"output_root={tmp_path}", cwd=tmp_path, check=False)
