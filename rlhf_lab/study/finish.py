@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def aggregate_points(study_dir: Path) -> pd.DataFrame:
-    """Concatenate every complete run's points.csv into `<study_dir>/points.csv` (+ parquet), atomically.
+    """Every complete run's points.csv, concatenated (in memory; `write_points` publishes it).
 
     Incomplete runs are left out (a killed run's rows may stop mid-way); the count is logged."""
     run_dirs = sorted(p for p in (study_dir / "runs").glob("*") if p.is_dir())
@@ -29,9 +29,7 @@ def aggregate_points(study_dir: Path) -> pd.DataFrame:
         log.info("aggregating %d complete runs (%d incomplete or failed left out)", len(complete),
                  len(run_dirs) - len(complete))
     frames = [pd.read_csv(d / "points.csv") for d in complete]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
-    write_points(study_dir, table)
-    return table
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
 
 
 def write_points(study_dir: Path, table: pd.DataFrame) -> None:
@@ -75,7 +73,7 @@ def finish_study(study_dir: Path, spec: dict, cfg: RunConfig, started: float | N
         from rlhf_lab.study.judging import judge_study_points
 
         points = judge_study_points(study_dir, spec["judges"], cfg, points)  # + judge_<name>_* columns
-        write_points(study_dir, points)
+    write_points(study_dir, points)
     frontier = write_frontier(study_dir, points)
     if started is not None:  # a whole local study; an aggregate job alone does not know the study's start
         record.record_study(study_dir, wall_seconds=round(time.time() - started, 1))
