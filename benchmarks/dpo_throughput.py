@@ -132,7 +132,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     from rlhf_lab.data.collate import collate_pairs
     from rlhf_lab.data.formats import PreferencePair
     from rlhf_lab.data.tokenize import TruncationConfig, tokenize_pairs
-    from rlhf_lab.distributed.strategy import make_strategy
+    from rlhf_lab.distributed.strategy import TorchStrategy
     from rlhf_lab.eval.points import PointsWriter, RunIdentity
     from rlhf_lab.models.build import frozen_copy, load_causal_lm, load_tokenizer
     from rlhf_lab.study import stages
@@ -157,7 +157,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     reference = frozen_copy(load_causal_lm(root))
     seed_everything(SEED)
     policy = load_causal_lm(root)
-    strategy = make_strategy("cpu", args.precision, 1, 10.0)
+    strategy = TorchStrategy("cpu", args.precision, 1, 10.0)
     identity = RunIdentity(study="bench", run_id="bench", method="dpo", loss_type="sigmoid", seed=SEED, beta=BETA)
     logger = RunLogger(work, LoggerConfig(name="none", mode="disabled"), {}, name="bench", group="bench", tags=[])
     points = PointsWriter(work / "points.csv")

@@ -26,7 +26,7 @@ Contestants:
             replaced by no-ops on the instance. The four roles come from the real builder
             `study.run_ppo.build_ppo_models` (critic_init=reward_model, learned reward without normalisation) and
             the optimisers from `study.run_ppo._setup` (two AdamW, one per trained role; strategies
-            make_strategy("cpu", "fp32", 1, 1.0): grad-norm clipping at 1.0, rlhf_lab's default).
+            TorchStrategy("cpu", "fp32", 1, 1.0): grad-norm clipping at 1.0, rlhf_lab's default).
   trl112    TRL 1.12 PPOTrainer.train() as shipped (its own loop; one AdamW over policy + value head, TRL's default
             `optim`; no grad clipping in its loop), with per_device_train_batch_size=32, num_mini_batches=1,
             num_ppo_epochs=4, response_length=48, temperature=0.7, local_rollout_forward_batch_size=32,
@@ -156,7 +156,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
 
     from rlhf_lab.config import EvalConfig, PPOConfig, RunConfig
     from rlhf_lab.data.tokenize import encode_prompt
-    from rlhf_lab.distributed.strategy import make_strategy
+    from rlhf_lab.distributed.strategy import TorchStrategy
     from rlhf_lab.models.build import load_tokenizer
     from rlhf_lab.study.pipeline import seed_everything
     from rlhf_lab.study.run_ppo import _setup, build_ppo_models
@@ -183,7 +183,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     texts = load_prompts(root)
     prompts = PromptSet([encode_prompt(tok, t) for t in texts], texts)
     check_prompt_ids(prompts.ids, "rlhf_lab")
-    actor_s, critic_s = (make_strategy("cpu", "fp32", 1, algo.max_grad_norm) for _ in range(2))
+    actor_s, critic_s = (TorchStrategy("cpu", "fp32", 1, algo.max_grad_norm) for _ in range(2))
     models, eval_reference = build_ppo_models(cfg, root, root / "rm", tok, None, actor_s.device)
     models.actor = _setup(actor_s, models.actor, algo.actor_lr, algo.warmup_steps)
     models.critic = _setup(critic_s, models.critic, algo.critic_lr, algo.warmup_steps)

@@ -7,6 +7,11 @@
     rlhf-lab status [study=NAME]          which stages and runs of a study are done, running, failed or missing
     rlhf-lab judge run_dir=DIR [temperatures=[…]] [baseline=sft|chosen|DIR] [judges=[…]]
                                           win rates of a run's policy vs a baseline per sampling temperature
+    rlhf-lab plan model=NAME|DIR algo=ppo|dpo gpus=N gpu_gib=M [...]
+                                          does it fit? bytes per GPU per role for each ZeRO stage / offload choice
+
+One run on N processes (data parallel; DDP or DeepSpeed ZeRO by the `strategy` group):
+    torchrun --nproc_per_node N -m rlhf_lab.cli strategy=zero3 [overrides]
 
 User errors (bad config, bad data, missing paths) end with one clear message and exit code 2, never a traceback;
 a diverged run (NaN/inf loss) ends with exit code 3 and leaves its run directory incomplete.
@@ -14,6 +19,7 @@ a diverged run (NaN/inf loss) ends with exit code 3 and leaves its run directory
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,9 +37,11 @@ log = logging.getLogger("rlhf_lab")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_app(raw: DictConfig) -> dict | None:
     from rlhf_lab.config import validate_run_config
-    from rlhf_lab.study.pipeline import run_alignment
+    from rlhf_lab.recipes.run import run_alignment
 
     quiet_libraries()  # joblib/submitit workers never run main()
+    if int(os.environ.get("RANK", "0")) != 0:  # one log per run: the other ranks report warnings and errors only
+        logging.getLogger().setLevel(logging.WARNING)
     hc = HydraConfig.get()
     try:
         cfg = validate_run_config(raw)
@@ -53,13 +61,19 @@ def train_app(raw: DictConfig) -> dict | None:
 
 def quiet_libraries() -> None:
     """Progress bars from transformers/datasets drown the training log; errors still show."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def follower_overrides(args: list[str]) -> list[str]:
+    """Under torchrun / srun every rank runs this app; rank 0's run directory is the run's (broadcast in
+    recipes.run), so the other ranks write no Hydra output directory of their own."""
+    if int(os.environ.get("RANK", "0")) == 0 or any(a.startswith("hydra.run.dir=") for a in args):
+        return args
+    return [*args, "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
 
 
 def main() -> None:
@@ -74,10 +88,15 @@ def main() -> None:
             from rlhf_lab.study.status import status_main
 
             sys.exit(status_main(args[1:]))
+        if args and args[0] == "plan":
+            from rlhf_lab.distributed.plan_command import plan_main
+
+            sys.exit(plan_main(args[1:]))
         if args and args[0] == "judge":
             from rlhf_lab.judges.command import judge_main
 
             sys.exit(judge_main(args[1:]))
+        sys.argv = [sys.argv[0], *follower_overrides(args)]
         train_app()
     except UserError as e:
         print(f"rlhf-lab: error: {e}", file=sys.stderr)

@@ -124,7 +124,6 @@ class PPOConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     ema_reference_decay: Optional[float] = None  # EMA of the policy as reference (Xu et al. 2024); None = frozen SFT
-    checkpoint_every: int = 10          # PPO steps between atomic checkpoints (exact resume)
 
 
 ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig}
@@ -148,9 +147,26 @@ class TrainConfig:
     precision: str = "fp32"             # fp32 | bf16 (autocast; CPU and CUDA)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     save_model: bool = True             # save the final policy (HF format) in the run directory
+    checkpoint_every: int = 50          # optimizer steps (PPO: PPO steps) between atomic checkpoints (exact resume;
+                                        # SIGTERM / SIGUSR1 also checkpoint, then exit)
     threads: Optional[int] = None       # torch intra-op threads on CPU; None = torch default
     compile: bool = False               # torch.compile the policy's training forward (DPO family); batches are
                                         # padded to data.max_prompt_length / max_completion_length so it compiles once
+
+
+@dataclass
+class StrategyConfig:
+    """How models are placed across processes (the `strategy` config group; conf/strategy/*.yaml)."""
+
+    name: str = "torch"                 # torch (one process, or DDP under torchrun) | deepspeed (ZeRO)
+    zero_stage: int = 0                 # deepspeed: 0 (DDP-like) | 1 optimizer states | 2 + gradients | 3 + parameters
+    offload_optimizer: bool = False     # deepspeed: optimizer states (and the step) on the CPU (ZeRO-Offload)
+    offload_param: bool = False         # deepspeed ZeRO-3: trained models' parameters on the CPU (ZeRO-Infinity)
+    frozen_offload_param: bool = False  # deepspeed ZeRO-3: reference / reward eval engines' parameters on the CPU
+    generation: str = "gather"          # ZeRO-3 sampling: gather (full actor once per rollout) | synced (collective
+                                        # forwards, ranks agree on "all finished"; for models too large to gather)
+    config_path: Optional[str] = None   # a DeepSpeed JSON whose sections (zero_optimization, comms, ...) are merged
+                                        # in; batch sizes, clipping, optimizer and precision always come from here
 
 
 @dataclass
@@ -187,6 +203,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     study: str = "adhoc"                # study name written into every points row
@@ -246,6 +263,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
     _check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
     _check(cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps)
+    _check(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", cfg.train.checkpoint_every)
     _check(
         cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
         "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}", cfg.train.batch_size,
@@ -257,6 +275,7 @@ def _validate_common(cfg: RunConfig) -> None:
            cfg.preferences.completions_per_prompt)
     _check(cfg.data.truncation in ("truncate", "drop"), "data.truncation", "truncate | drop", cfg.data.truncation)
     _check(cfg.reward.gold in ("classifier", "vader"), "reward.gold", "classifier | vader", cfg.reward.gold)
+    _validate_strategy(cfg.strategy, cfg.train)
     _check(cfg.logger.name in ("wandb", "none"), "logger.name", "wandb | none", cfg.logger.name)
     _check(cfg.task.name in ("imdb", "none"), "task.name", "imdb | none", cfg.task.name)
     if cfg.task.name == "none":
@@ -266,6 +285,24 @@ def _validate_common(cfg: RunConfig) -> None:
            "architecture kwargs when model.name_or_path is null", cfg.model.config)
     _check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
            "a pretrained model when model.sft=false (there is nothing to start from)", None)
+
+
+def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:
+    _check(s.name in ("torch", "deepspeed"), "strategy.name", "torch | deepspeed", s.name)
+    _check(s.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", "0, 1, 2 or 3", s.zero_stage)
+    _check(s.generation in ("gather", "synced"), "strategy.generation", "gather | synced", s.generation)
+    if s.name == "torch":
+        for key in ("offload_optimizer", "offload_param", "frozen_offload_param"):
+            _check(not getattr(s, key), f"strategy.{key}", "false with strategy.name=torch (offload needs deepspeed)",
+                   getattr(s, key))
+        _check(s.zero_stage == 0, "strategy.zero_stage", "0 with strategy.name=torch (ZeRO needs deepspeed)",
+               s.zero_stage)
+        _check(s.config_path is None, "strategy.config_path", "null with strategy.name=torch", s.config_path)
+    else:
+        _check(not s.offload_param or s.zero_stage == 3, "strategy.offload_param", "true only with zero_stage=3",
+               s.offload_param)
+        _check(not train.compile, "train.compile", "false with strategy=deepspeed (DeepSpeed compiles its own "
+               "engine)", train.compile)
 
 
 def loss_params(algo: AlgoConfig):

@@ -10,7 +10,7 @@ import torch
 from rlhf_lab.config import AlgoConfig, EvalConfig, LoggerConfig, OptimConfig, TrainConfig
 from rlhf_lab.data.batches import TokenizedPair
 from rlhf_lab.data.collate import collate_pairs
-from rlhf_lab.distributed.strategy import make_strategy
+from rlhf_lab.distributed.strategy import TorchStrategy
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.models.build import frozen_copy
 from rlhf_lab.models.logprobs import sequence_logps
@@ -44,7 +44,7 @@ def build_trainer(tiny_model, tiny_tokenizer, tmp_path, *, table=None, precision
     inputs = DPOInputs(policy, reference, tiny_tokenizer, pairs, table, [[5, 6], [7, 8]], None,
                        RunIdentity("t", "r", "dpo", loss, 0, beta=0.1))
     train = TrainConfig(steps=4, batch_size=8, micro_batch_size=micro, precision=precision)
-    strategy = make_strategy("cpu", precision, train.batch_size // train.micro_batch_size, 10.0)
+    strategy = TorchStrategy("cpu", precision, train.batch_size // train.micro_batch_size, 10.0)
     logger = RunLogger(tmp_path, LoggerConfig(name="none", mode="disabled"), {}, name="r", group="t", tags=[])
     points = PointsWriter(tmp_path / "points.csv")
     trainer = DPOTrainer(inputs, AlgoConfig(loss_type=loss, beta=0.1), OptimConfig(lr=3e-3, warmup_steps=1), train,

@@ -16,7 +16,7 @@ from tests.test_pipeline_smoke import TINY, read_points
 pytestmark = pytest.mark.integration
 
 PPO = ["train.steps=4", "eval.every=2", "algo.rollout_batch_size=8", "algo.micro_batch_size=4",
-       "algo.num_mini_batches=1", "algo.ppo_epochs=2", "algo.response_length=10", "algo.checkpoint_every=1",
+       "algo.num_mini_batches=1", "algo.ppo_epochs=2", "algo.response_length=10", "train.checkpoint_every=1",
        "reward_model.steps=10", "reward_model.normalization_samples=16", "train.save_model=false"]
 VOLATILE = ("per_s",)  # wall-clock metrics differ between runs by nature
 
@@ -97,7 +97,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_run(workspace, ppo_gt_run)
 
 def test_sigterm_checkpoints_and_exits_cleanly(workspace):
     run_dir = workspace / "term"
-    proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt", "train.steps=50", "algo.checkpoint_every=100"),
+    proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt", "train.steps=50", "train.checkpoint_every=100"),
                             cwd=workspace, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() or '"objective/kl"' not in (run_dir / "metrics.jsonl").read_text():
@@ -110,7 +110,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(workspace):
     assert list((run_dir / "checkpoints").glob("step-*/_COMPLETE"))
     assert not (run_dir / "_COMPLETE").exists()
     # resuming that checkpoint under a different configuration is refused, not silently mixed
-    changed = run(workspace, run_dir, "algo=ppo_gt", "train.steps=50", "algo.checkpoint_every=100",
+    changed = run(workspace, run_dir, "algo=ppo_gt", "train.steps=50", "train.checkpoint_every=100",
                   "algo.actor_lr=0.001", check=False)
     assert changed.returncode == 2
     assert "different configuration" in changed.stdout + changed.stderr

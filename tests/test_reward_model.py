@@ -13,7 +13,7 @@ from rlhf_lab.config import RewardModelConfig
 from rlhf_lab.data.batches import TokenizedPair
 from rlhf_lab.data.collate import collate_pairs, collate_sequences
 from rlhf_lab.data.tokenize import TruncationConfig
-from rlhf_lab.distributed.strategy import make_strategy
+from rlhf_lab.distributed.strategy import TorchStrategy
 from rlhf_lab.models.heads import (
     NORMALIZATION_FILE,
     build_scalar_model,
@@ -139,7 +139,7 @@ def test_bradley_terry_training_separates_toy_pairs(rm, tiny_tokenizer):
     assert len(held) >= 12 and not {tuple(p.prompt_ids) for p in train} & {tuple(p.prompt_ids) for p in held}
     cfg = RewardModelConfig(steps=25, batch_size=12, lr=3e-3, warmup_steps=2, normalization_samples=0)
     logged = []
-    metrics = train_reward_model(rm, tiny_tokenizer, train, held, cfg, make_strategy("cpu", "fp32", 1, None), 0,
+    metrics = train_reward_model(rm, tiny_tokenizer, train, held, cfg, TorchStrategy("cpu", "fp32", 1, None), 0,
                                  None, log_fn=lambda m, s: logged.append(s))
     assert metrics["eval_accuracy"] > 0.9 and metrics["train_accuracy"] > 0.9, metrics
     assert metrics["eval_loss"] < metrics["initial_eval_loss"]
@@ -183,7 +183,8 @@ def test_save_load_round_trip(rm, tiny_tokenizer, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ stage
 def test_reward_model_stage_caches(sft_dir, tmp_path):
-    from rlhf_lab.study.stages import reward_model_stage
+    from rlhf_lab.config import OptimConfig
+    from rlhf_lab.recipes.stages import StageTraining, reward_model_stage
 
     prompts = ["this movie was", "i loved the", "the worst film", "a fine cast"]
     rows = []
@@ -198,7 +199,7 @@ def test_reward_model_stage_caches(sft_dir, tmp_path):
                             normalization_samples=4, center_rewards_coefficient=0.01)
     trunc = TruncationConfig(max_prompt_length=8, max_completion_length=6)
     args = (tmp_path / "cache", "sftkey", sft_dir, "prefkey", pairs_path, cfg, trunc, 0, torch.device("cpu"),
-            lambda: make_strategy("cpu", "fp32", 1, None))
+            StageTraining(OptimConfig(), "fp32", lambda accum, clip, micro: TorchStrategy("cpu", "fp32", accum, clip)))
     first = reward_model_stage(*args)
     second = reward_model_stage(*args)
     assert first.built and not second.built and first.dir == second.dir

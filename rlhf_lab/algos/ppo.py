@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from typing import Callable
+
 import torch
 
 Tensor = torch.Tensor
@@ -103,16 +105,29 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Whiten ``x`` over its real positions (PPO detail 6): ``(x - μ) / sqrt(σ² + eps)``, μ and σ² (unbiased)
     taken over the real positions of the whole batch (TRL's ``masked_whiten``).
 
     ``shift_mean=True`` (advantages) leaves mean 0 and variance ≈ 1 on the real positions; ``shift_mean=False``
     (reward whitening) adds μ back, so only the scale changes: ``(x - μ)/σ + μ``. Shape of ``x`` in and out; pad
     positions of the output are 0 (TRL fills them with 0 right after whitening, for advantages and rewards alike).
+
+    ``reduce_sum`` sums a tensor over the data-parallel ranks (the caller's all-reduce): μ and σ² are then those
+    of the *global* batch, so every rank whitens with the same statistics, as one process holding all rows would.
+    Two reductions (Σ m·x and Σ m, then Σ m·(x − μ)²) keep the variance as accurate as ``masked_var``'s.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if reduce_sum is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        m = mask.to(x.dtype)
+        sums = reduce_sum(torch.stack([_select(x, m).sum(), m.sum()]))
+        mean, n = sums[0] / sums[1], float(sums[1])
+        if n < 2:
+            raise ValueError(f"masked_whiten needs at least 2 real positions over all ranks, got {n:g}")
+        var = reduce_sum(_select((x - mean) ** 2, m).sum()) / n * (n / (n - 1))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

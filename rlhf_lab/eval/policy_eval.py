@@ -15,6 +15,7 @@ import torch
 
 from rlhf_lab.config import EvalConfig
 from rlhf_lab.data.batches import SequenceBatch
+from rlhf_lab.distributed import comm
 from rlhf_lab.models.logprobs import sequence_kl
 from rlhf_lab.models.sampling import sample_completions
 
@@ -71,20 +72,53 @@ def split_samples(tokenizer, seqs: SequenceBatch) -> tuple[list[str], list[str]]
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], gold, cfg: EvalConfig,
-                    proxy_reward=None) -> EvalResult:
+                    proxy_reward=None, sync_finish: bool = False) -> EvalResult:
     """Sample cfg.samples_per_prompt completions per prompt from `policy` and score them (see module doc).
 
     `proxy_reward` (a rewards.source.RewardSource, optional) also scores the samples: for PPO the learned reward
-    model, so over-optimisation (proxy up, gold down) shows in the points table."""
-    device = next(policy.parameters()).device
+    model, so over-optimisation (proxy up, gold down) shows in the points table.
+
+    With several processes each rank samples and scores rows i % W == r (its share padded by one repeated row
+    so that every rank runs the same number of forwards, which collective ZeRO-3 forwards need) and the
+    per-sample results are gathered: the uniforms that drive sampling are drawn for all rows from one seeded
+    generator, so the samples, and the points row, do not depend on the world size."""
     prompts = [p for p in prompt_ids for _ in range(cfg.samples_per_prompt)]
-    generator = torch.Generator().manual_seed(cfg.seed)
+    uniforms = torch.rand(len(prompts), cfg.max_new_tokens, generator=torch.Generator().manual_seed(cfg.seed))
+    rows = comm.shard(list(range(len(prompts))))
+    padded = rows + [rows[-1] if rows else 0] * (-(-len(prompts) // comm.world_size()) - len(rows))
+    local = _score_rows(policy, reference, tokenizer, [prompts[i] for i in padded], uniforms[padded], gold, cfg,
+                        proxy_reward, sync_finish)
+    local = {k: v[: len(rows)] for k, v in local.items()}
+    shares = comm.all_gather_object(local)
+    merged = {k: comm.unshard([s[k] for s in shares]) for k in local}
+    exact, sampled = np.asarray(merged["kl"]), np.asarray(merged["kl_sampled"])
+    lengths, ended = np.asarray(merged["length"], dtype=np.float64), np.asarray(merged["eos"], dtype=np.float64)
+    gold_scores = np.asarray(merged["gold"], dtype=np.float64) if gold else None
+    kl_m, kl_s = mean_se(exact)
+    kls_m, kls_s = mean_se(sampled)
+    g_m, g_s = mean_se(gold_scores if gold else np.array([]))
+    proxy = math.nan
+    if proxy_reward is not None:
+        scores = np.asarray(merged["proxy"], dtype=np.float64)
+        proxy = float(scores[np.isfinite(scores)].mean()) if np.isfinite(scores).any() else math.nan
+    return EvalResult(
+        samples=len(prompts), kl_mean=kl_m, kl_se=kl_s, kl_sampled_mean=kls_m, kl_sampled_se=kls_s,
+        gold_reward_mean=g_m, gold_reward_se=g_s, response_len_mean=float(lengths.mean()),
+        eos_fraction=float(ended.mean()), temperature=cfg.temperature, proxy_reward_mean=proxy,
+        records=sample_records(merged["prompt"], merged["completion"], gold_scores, lengths, cfg.temperature),
+    )
+
+
+def _score_rows(policy, reference, tokenizer, prompts, uniforms, gold, cfg: EvalConfig, proxy_reward,
+                sync_finish: bool) -> dict[str, list]:
+    """Per-sample results for this rank's rows: KL both ways, length, EOS, texts, gold and proxy scores."""
+    device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
     seqs = sample_completions(
         policy, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
-        generator=generator,
+        uniforms=uniforms, sync_finish=sync_finish,
     )
     kl_exact, kl_sampled = [], []
     for start in range(0, len(seqs), cfg.batch_size):
@@ -93,25 +127,16 @@ def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], g
         kl_exact.append(terms.exact.cpu())
         kl_sampled.append(terms.sampled.cpu())
     policy.train(was_training)
-    exact = torch.cat(kl_exact).double().numpy()
-    sampled = torch.cat(kl_sampled).double().numpy()
-    lengths = seqs.completion_lengths.double().numpy()
-    ended = (seqs.completion_ids == tokenizer.eos_token_id).any(-1).double().numpy()
-    gold_scores = np.asarray(gold.score(decode_samples(tokenizer, seqs)), dtype=np.float64) if gold else np.array([])
-    kl_m, kl_s = mean_se(exact)
-    kls_m, kls_s = mean_se(sampled)
-    g_m, g_s = mean_se(gold_scores)
-    proxy = math.nan
-    prompts, completions = split_samples(tokenizer, seqs)
+    prompt_texts, completions = split_samples(tokenizer, seqs)
+    out = {"kl": torch.cat(kl_exact).double().tolist(), "kl_sampled": torch.cat(kl_sampled).double().tolist(),
+           "length": seqs.completion_lengths.tolist(),
+           "eos": (seqs.completion_ids == tokenizer.eos_token_id).any(-1).tolist(),
+           "prompt": prompt_texts, "completion": completions}
+    if gold:
+        out["gold"] = np.asarray(gold.score(decode_samples(tokenizer, seqs)), dtype=np.float64).tolist()
     if proxy_reward is not None:
-        scores = proxy_reward.score(prompts, completions, seqs).double().numpy()
-        proxy = float(scores[np.isfinite(scores)].mean()) if np.isfinite(scores).any() else math.nan
-    return EvalResult(
-        samples=len(seqs), kl_mean=kl_m, kl_se=kl_s, kl_sampled_mean=kls_m, kl_sampled_se=kls_s,
-        gold_reward_mean=g_m, gold_reward_se=g_s, response_len_mean=float(lengths.mean()),
-        eos_fraction=float(ended.mean()), temperature=cfg.temperature, proxy_reward_mean=proxy,
-        records=sample_records(prompts, completions, gold_scores if gold else None, lengths, cfg.temperature),
-    )
+        out["proxy"] = proxy_reward.score(prompt_texts, completions, seqs).double().tolist()
+    return out
 
 
 def sample_records(prompts: list[str], completions: list[str], gold_scores, lengths, temperature: float) -> list[dict]:

@@ -136,7 +136,7 @@ def gold_scorer_of(cfg: RunConfig | None, run_dir: Path):
     if cfg is None:
         raise ConfigError(f"judge oracle: needs the run's gold reward, but {run_dir / 'config.yaml'} is missing")
     if cfg.task.name == "imdb":
-        from rlhf_lab.study.stages import build_task
+        from rlhf_lab.recipes.stages import build_task
 
         gold = build_task(cfg.task, cfg.reward.gold, Path(cfg.cache_dir)).gold
         return gold_scorer(gold), f"{cfg.reward.gold}:{stable_hash(asdict(cfg.task))}"

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from rlhf_lab.data.batches import SequenceBatch
+from rlhf_lab.distributed.strategy import is_wrapped, unwrap_module
 from rlhf_lab.models.build import disable_dropout
 from rlhf_lab.utils.cache import atomic_write_text
 from rlhf_lab.utils.errors import UserError
@@ -126,11 +127,12 @@ def _hidden_states(model: nn.Module, seqs: SequenceBatch) -> torch.Tensor:
     """Final backbone hidden states (N, T, d) for the batch, positions counting real tokens only."""
     kwargs = {"input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask, "position_ids": seqs.position_ids,
                   "use_cache": False}
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        # The forward must go through the DDP wrapper for gradients to be synchronised: run the whole model and
-        # capture the backbone's output (HF's own pooled logits are computed and ignored — one d×1 matmul).
+    if is_wrapped(model):
+        # The forward must go through the DDP wrapper / DeepSpeed engine (gradient synchronisation, ZeRO-3
+        # parameter gathering): run the whole model and capture the backbone's output (HF's own pooled logits
+        # are computed and ignored — one d×1 matmul).
         captured: dict = {}
-        hook = _backbone(model.module).register_forward_hook(
+        hook = _backbone(unwrap_module(model)).register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out.last_hidden_state)
         )
         try:
@@ -150,7 +152,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return unwrap_module(model)
 
 
 # ------------------------------------------------------------------------------------------------ save / load

@@ -4,6 +4,10 @@ Our own loop instead of `generate`: it samples from exactly the tempered softmax
 (no hidden top-k/top-p defaults), is deterministic under a `torch.Generator`, and returns batches in the
 shared layout, ready for log-prob passes. Completions stop after the first EOS (kept, scored) and are padded.
 Temperature 0 is greedy decoding (argmax; the generator is not consumed), as in the DPO paper's T=0 win rates.
+
+The uniforms that drive the draws are taken row by row (row i, step t uses U[i, t]) from a matrix drawn up front,
+so a row's sample does not depend on how the rows are split into batches or across ranks: the same seed gives
+the same samples at any batch size and world size.
 """
 from __future__ import annotations
 
@@ -24,11 +28,22 @@ def sample_completions(
     temperature: float = 1.0,
     batch_size: int = 128,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    sync_finish: bool = False,
 ) -> SequenceBatch:
     """One completion per prompt (repeat prompts for k samples). Returns (N, P + C) with C ≤ max_new_tokens.
-    temperature=0 decodes greedily; a negative temperature is an error."""
+    temperature=0 decodes greedily; a negative temperature is an error.
+
+    uniforms: (N, max_new_tokens) in [0, 1) instead of drawing them from `generator` (a rank's rows of a matrix
+    drawn for all ranks). sync_finish: the forwards are collectives (a ZeRO-3 engine that was not gathered), so
+    every rank keeps stepping until all ranks' rows have finished; every rank must pass the same number of
+    batches."""
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if uniforms is None:
+        uniforms = torch.rand(len(prompt_ids), max_new_tokens, generator=generator)
+    if uniforms.shape != (len(prompt_ids), max_new_tokens):
+        raise ValueError(f"uniforms must be ({len(prompt_ids)}, {max_new_tokens}), got {tuple(uniforms.shape)}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -36,12 +51,22 @@ def sample_completions(
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
         prompts = collate_sequences(chunk, [[] for _ in chunk], pad_id).to(device)
-        completions.extend(_sample_chunk(model, prompts, eos_id, pad_id, max_new_tokens, temperature, generator))
+        completions.extend(_sample_chunk(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
+                                         uniforms[start:start + batch_size], sync_finish))
     model.train(was_training)
     return collate_sequences(prompt_ids, completions, pad_id)
 
 
-def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens, temperature, generator):
+def _all_finished(finished: torch.Tensor, sync: bool) -> bool:
+    done = bool(finished.all())
+    if not sync:
+        return done
+    from rlhf_lab.distributed import comm
+
+    return not comm.any_rank(not done)
+
+
+def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens, temperature, uniforms, sync):
     input_ids, attention_mask = prompts.input_ids, prompts.attention_mask
     position_ids = prompts.position_ids
     n = input_ids.shape[0]
@@ -49,15 +74,15 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
     tokens = []
     past = None
     step_ids, step_pos = input_ids, position_ids
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
                     past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
-        nxt = next_tokens(out.logits[:, -1], temperature, generator)
+        nxt = next_tokens(out.logits[:, -1], temperature, uniforms[:, t])
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         finished |= nxt == eos_id
-        if bool(finished.all()):
+        if _all_finished(finished, sync):
             break
         attention_mask = torch.cat([attention_mask, (~finished | (nxt == eos_id)).long()[:, None]], dim=1)
         step_pos = step_pos[:, -1:] + 1
@@ -66,19 +91,20 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
     return [_strip_after_eos(row, eos_id, pad_id) for row in sampled]
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """(N, V) last-position logits → (N,) token ids: argmax at temperature 0, else a draw from softmax(logits / T)."""
+def next_tokens(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """(N, V) last-position logits → (N,) token ids: argmax at temperature 0, else a draw from softmax(logits / T)
+    driven by one uniform per row (N,)."""
     if temperature == 0:  # the T → 0 limit of the tempered softmax; dividing by 0 would give NaNs
         return logits.argmax(dim=-1)
-    return sample_categorical(torch.softmax(logits.float() / temperature, dim=-1), generator)
+    return sample_categorical(torch.softmax(logits.float() / temperature, dim=-1), uniforms)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of (N, V) probabilities by inverting the CDF (exact up to float32 rounding of the CDF;
-    2–3x faster than torch.multinomial on CPU at V=4k). Uniforms come from `generator` on the CPU so draws are
-    reproducible on any device."""
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row of (N, V) probabilities by inverting the CDF at the row's uniform (exact up to float32
+    rounding of the CDF; 2–3x faster than torch.multinomial on CPU at V=4k). Uniforms are drawn on the CPU so
+    draws are reproducible on any device."""
     cdf = probs.float().cumsum(-1)                                                   # (N, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
+    u = uniforms.reshape(-1, 1).to(probs.device, torch.float32)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)   # first index with cdf > u: zero-prob tokens never drawn
     return idx.squeeze(-1).clamp(max=probs.shape[-1] - 1)
 

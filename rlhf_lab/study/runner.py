@@ -142,8 +142,8 @@ def stage_signature(cfg: RunConfig) -> str:
     """What decides which shared stages a run needs: two runs with equal signatures need the same stages."""
     resolved = to_container(cfg)
     needs = "dpo" if not isinstance(cfg.algo, PPOConfig) else f"ppo:{cfg.algo.reward}:{cfg.algo.critic_init}"
-    keep = ("task", "reward", "model", "sft", "preferences", "reward_model", "data", "cache_dir")
-    return stable_hash({"needs": needs, **{k: resolved.get(k) for k in keep}})
+    keep = ("task", "reward", "model", "sft", "preferences", "reward_model", "data", "cache_dir", "optim")
+    return stable_hash({"needs": needs, "precision": cfg.train.precision, **{k: resolved.get(k) for k in keep}})
 
 
 def run_stages(configs: list[RunConfig], study_dir: Path) -> dict[str, str]:
@@ -151,7 +151,7 @@ def run_stages(configs: list[RunConfig], study_dir: Path) -> dict[str, str]:
 
     Returns {stage signature: error} for the sets that failed (e.g. a missing dataset): the points that need them
     fail, the others go on."""
-    from rlhf_lab.study.pipeline import build_run_stages
+    from rlhf_lab.recipes.run import build_run_stages
 
     started, seen, errors = time.time(), set(), {}
     for cfg in configs:
@@ -188,7 +188,7 @@ def fail_points_without_stages(points, configs, study_dir: Path, errors: dict[st
 def run_point(point: SweepPoint, study_dir: Path, cfg: RunConfig | None = None) -> float:
     """Train and evaluate one sweep point into `<study>/runs/<run_id>`; a failure is written to error.txt and
     re-raised. Returns the run's wall time."""
-    from rlhf_lab.study.pipeline import run_alignment
+    from rlhf_lab.recipes.run import run_alignment
 
     cfg = cfg or compose_run_config(point.overrides)
     run_dir = study_dir / "runs" / point.run_id

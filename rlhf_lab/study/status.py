@@ -23,7 +23,7 @@ class RunStatus:
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    from rlhf_lab.study.pipeline import RUN_LOCK
+    from rlhf_lab.recipes.run import RUN_LOCK
     from rlhf_lab.trainers.checkpoint import latest_checkpoint
 
     run_id = run_dir.name

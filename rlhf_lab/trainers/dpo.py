@@ -1,5 +1,7 @@
 """The DPO-family trainer: one loop for every paired loss in `algos.preference.LOSSES` (and KTO on unpaired
-rows made from the pairs). Setup → loop (evaluate at step 0, every N steps and at the end) → save.
+rows made from the pairs). Setup → (resume) → loop (evaluate at step 0, every N steps and at the end; checkpoint
+every train.checkpoint_every steps and on SIGTERM/SIGUSR1) → save. Precision, accumulation, data sharding across
+ranks, evaluation and checkpoints come from the loop skeleton (`trainers/loop.py`); this file holds the maths.
 
 The reference model never changes: its log-probs on the training pairs are read from the stage cache (computed
 once per reference/dataset/tokenisation and shared by a whole β sweep); the live reference copy is only used by
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,13 +21,12 @@ from rlhf_lab.algos.preference import (LOSSES, REFERENCE_FREE_LOSSES, UNPAIRED_L
                                        preference_metrics)
 from rlhf_lab.config import AlgoConfig, EvalConfig, OptimConfig, TrainConfig, loss_params
 from rlhf_lab.data.batches import PreferenceBatch, TokenizedPair, TokenizedUnpaired, UnpairedBatch
-from rlhf_lab.data.collate import batches, collate_pairs, collate_unpaired
-from rlhf_lab.eval.points import PointsWriter, RunIdentity, point_row
-from rlhf_lab.eval.policy_eval import evaluate_policy
-from rlhf_lab.eval.samples import write_samples
+from rlhf_lab.data.collate import collate_pairs, collate_unpaired
+from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.models.logprobs import completion_logits, sequence_logps, token_logps_from_logits
-from rlhf_lab.trainers.errors import NonFiniteLossError
-from rlhf_lab.trainers.optim import build_optimizer, warmup_schedule
+from rlhf_lab.trainers.errors import NonFiniteLossError  # noqa: F401 (re-exported for callers and tests)
+from rlhf_lab.trainers.loop import (Checkpointer, GlobalBatches, StopRequest, accumulate, accumulation_steps,
+                                    build_trained, evaluate_and_record, rank_share)
 
 log = logging.getLogger(__name__)
 
@@ -61,60 +63,58 @@ def fixed_widths(pairs: list[TokenizedPair]) -> tuple[int, int]:
 
 class DPOTrainer:
     def __init__(self, inputs: DPOInputs, algo: AlgoConfig, optim: OptimConfig, train: TrainConfig,
-                 eval_cfg: EvalConfig, strategy, logger, points: PointsWriter, seed: int):
+                 eval_cfg: EvalConfig, strategy, logger, points: PointsWriter, seed: int,
+                 run_dir: Path | None = None, config_hash: str = ""):
         self.inputs, self.algo, self.train_cfg, self.eval_cfg = inputs, algo, train, eval_cfg
         self.loss_fn, self.params = LOSSES[algo.loss_type], loss_params(algo)
         self.strategy, self.logger, self.points = strategy, logger, points
-        optimizer = build_optimizer(inputs.policy.parameters(), optim)
-        self.policy = strategy.setup(inputs.policy, optimizer, warmup_schedule(optimizer, optim.warmup_steps))
+        self.run_dir = Path(run_dir) if run_dir is not None else points.path.parent
+        self.accum = accumulation_steps(train.batch_size, train.micro_batch_size, "train.batch_size")
+        self.policy = build_trained(strategy, inputs.policy, optim)
         # the compiled module shares the policy's parameters; evaluation keeps using the eager module
         self.train_model = torch.compile(self.policy) if train.compile else self.policy
         self.min_widths = fixed_widths(inputs.train_pairs) if train.compile else None
         self.reference = strategy.place(inputs.reference)
         self.generator = torch.Generator().manual_seed(seed)
         self.unpaired = algo.loss_type in UNPAIRED_LOSSES
-        self.items = unpair(inputs.train_pairs) if self.unpaired else inputs.train_pairs
-        self.micro_batches_per_step = train.batch_size // train.micro_batch_size
-        if len(self.items) < train.micro_batch_size:
-            raise ValueError(f"only {len(self.items)} training examples for micro_batch_size={train.micro_batch_size}")
+        items = unpair(inputs.train_pairs) if self.unpaired else inputs.train_pairs
+        self.batches = GlobalBatches(items, train.batch_size, self.generator)
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", {"policy": strategy}, config_hash)
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
-        self.evaluate(step=0)
-        stream = self._micro_batch_stream()
+        step = self.resume()
+        stop = StopRequest()
+        if step == 0:
+            self.evaluate(step=0)
         train_seconds, last = 0.0, {}
-        for step in range(1, self.train_cfg.steps + 1):
+        while step < self.train_cfg.steps:
+            step += 1
             self.policy.train()
             started = time.perf_counter()
-            metrics = self._optimizer_step(stream)
+            metrics = accumulate(self.strategy, rank_share(self.batches.next(), self.accum), self.compute_loss,
+                                 "train")
             train_seconds += time.perf_counter() - started
-            metrics["train/pairs_per_s"] = step * self.train_cfg.batch_size / train_seconds  # evaluation excluded
+            metrics["train/pairs_per_s"] = self.train_cfg.batch_size / (time.perf_counter() - started)
             self.logger.log(metrics, step)
             last = metrics
             if step % self.eval_cfg.every == 0 or step == self.train_cfg.steps:
                 self.evaluate(step)
+            stopping = stop.agreed()
+            if stopping or step % self.train_cfg.checkpoint_every == 0 or step == self.train_cfg.steps:
+                self.checkpoints.save(step, {"batches": self.batches.state_dict()}, {"data": self.generator})
+            if stopping:
+                stop.stop(step, self.checkpoints.root)
         return last
 
-    def _micro_batch_stream(self):
-        """Endless shuffled micro-batches (reshuffled each epoch, deterministic under the run seed)."""
-        while True:
-            yield from batches(self.items, self.train_cfg.micro_batch_size, shuffle=True,
-                               generator=self.generator, drop_last=True)
-
-    def _optimizer_step(self, stream) -> dict:
-        totals: dict[str, float] = {}
-        for _ in range(self.micro_batches_per_step):
-            with self.strategy.autocast():
-                loss, metrics = self.compute_loss(next(stream))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} ({self.algo.loss_type}); stopping the run")
-            self.strategy.backward(loss)
-            result = self.strategy.step()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / self.micro_batches_per_step
-        totals["train/grad_norm"] = result.grad_norm
-        totals["train/lr"] = self.strategy.optimizer.param_groups[0]["lr"]
-        return totals
+    def resume(self) -> int:
+        """Continue from the newest complete checkpoint (policy, optimizer, scheduler, RNG, data cursor)."""
+        path = self.checkpoints.latest()
+        if path is None:
+            return 0
+        state = self.checkpoints.load(path, {"data": self.generator})
+        self.batches.load_state_dict(state["batches"])
+        return int(path.name.split("-")[1])
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, items) -> tuple[torch.Tensor, dict[str, float]]:
@@ -175,13 +175,6 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------------------------------------ eval
     def evaluate(self, step: int) -> None:
-        policy = self.strategy.unwrap(self.policy)
-        with self.strategy.autocast():
-            result = evaluate_policy(policy, self.reference, self.inputs.tokenizer, self.inputs.eval_prompt_ids,
-                                     self.inputs.gold, self.eval_cfg)
-        if self.strategy.is_main:
-            self.points.write(point_row(self.inputs.identity, step, result))
-            write_samples(self.points.path.parent, step, result.records)  # read by rlhf_lab.judges.study
-        self.logger.log(result.as_metrics(), step)
-        log.info("step %d: gold %.4f ± %.4f, KL %.3f ± %.3f", step, result.gold_reward_mean, result.gold_reward_se,
-                 result.kl_mean, result.kl_se)
+        evaluate_and_record(step, self.strategy, self.policy, self.reference, self.inputs.tokenizer,
+                            self.inputs.eval_prompt_ids, self.inputs.gold, self.eval_cfg, self.inputs.identity,
+                            self.points, self.logger, self.run_dir)

@@ -1,4 +1,4 @@
-"""Optimizers and the warm-up schedule, built from the `optim` config group."""
+"""Optimizers and the warm-up schedule, built from the `optim` config group for every trained model."""
 from __future__ import annotations
 
 import torch
@@ -6,14 +6,19 @@ import torch
 from rlhf_lab.config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimConfig, lr: float | None = None,
+                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """optim.name with its betas; lr / weight decay from the group unless a trainer's own key overrides them
+    (PPO's actor_lr and critic_lr, sft.lr, reward_model.lr)."""
     params = [p for p in params if p.requires_grad]
+    lr = cfg.lr if lr is None else lr
+    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=weight_decay)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; valid: adamw, rmsprop, sgd")
 
 

@@ -1,17 +1,22 @@
 """PPO for language models with four roles (actor, critic, reference, reward), readable top to bottom:
 
-    for each step: roll out → KL-shaped rewards, GAE → ppo_epochs × minibatches × micro-batches → KL controller
-                   → metrics (TRL's names) → evaluation (shared with DPO) → atomic checkpoint (exact resume)
+    for each step: this rank's share of the prompts → sample (full actor parameters) → score with every role
+                   → KL-shaped rewards, GAE, advantages whitened over all ranks → ppo_epochs × minibatches ×
+                   micro-batches → KL controller (global KL) → metrics (TRL's names, averaged over ranks)
+                   → evaluation (shared with every method) → collective atomic checkpoint (exact resume)
 
-Exact resume: the checkpoint holds actor, critic, both optimisers and schedulers, the KL controller, every RNG
-(global and the three explicit generators: data order, sampling, minibatch shuffling), the data cursor and the
-step. SIGTERM / SIGUSR1 (what SLURM sends before preemption) request a checkpoint at the end of the current step
-and a clean exit.
+Data parallelism: each PPO step draws rollout_batch_size prompts from one shuffled pass that every rank sees
+identically; rank r takes rows i % W == r and samples them with its own generator (seed + 1 + 1000·r), so ranks
+explore different completions. Whitening statistics and the KL controller's input are global.
+
+Exact resume: the checkpoint holds actor and critic (with optimisers and schedulers, via their strategies), the
+KL controller, the EMA reference when there is one, every rank's RNG (global and the three explicit generators:
+data order, sampling, minibatch shuffling), the data cursor and the step. SIGTERM / SIGUSR1 (what SLURM sends
+before preemption) request a checkpoint at the end of the current step and a clean exit, agreed by all ranks.
 """
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +27,13 @@ from rlhf_lab.algos.ppo import (AdaptiveKLController, FixedKLController, ema_upd
                                 masked_mean, policy_loss, value_loss)
 from rlhf_lab.config import EvalConfig, PPOConfig
 from rlhf_lab.data.batches import SequenceBatch
-from rlhf_lab.eval.points import point_row
-from rlhf_lab.eval.policy_eval import evaluate_policy
-from rlhf_lab.eval.samples import write_samples
+from rlhf_lab.distributed import comm
 from rlhf_lab.models.heads import token_values
 from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
-from rlhf_lab.trainers.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from rlhf_lab.trainers.errors import NonFiniteLossError, PreemptedError
-from rlhf_lab.trainers.ppo_rollout import Advantages, PPOModels, Rollout, compute_advantages, roll_out
-from rlhf_lab.utils.errors import UserError
+from rlhf_lab.models.sampling import sample_completions
+from rlhf_lab.trainers.errors import NonFiniteLossError
+from rlhf_lab.trainers.loop import Checkpointer, StopRequest, check_finite, evaluate_and_record
+from rlhf_lab.trainers.ppo_rollout import Advantages, PPOModels, Rollout, compute_advantages, score_rollout
 
 log = logging.getLogger(__name__)
 
@@ -44,58 +47,64 @@ class PromptSet:
 class PPOTrainer:
     def __init__(self, models: PPOModels, tokenizer, train_prompts: PromptSet, eval_prompts: PromptSet,
                  eval_reference, gold, cfg: PPOConfig, eval_cfg: EvalConfig, steps: int, actor_strategy,
-                 critic_strategy, logger, points, identity, run_dir: Path, seed: int, config_hash: str = ""):
+                 critic_strategy, logger, points, identity, run_dir: Path, seed: int, config_hash: str = "",
+                 checkpoint_every: int = 10):
+        """`models.actor` / `models.critic` are already set up by their strategies; `models.reference`,
+        `eval_reference` and a learned reward model are placed by the actor's strategy."""
         if not train_prompts.ids:
             raise ValueError("PPO needs at least one training prompt; the prompt set is empty")
         self.models, self.tokenizer, self.cfg, self.eval_cfg, self.steps = models, tokenizer, cfg, eval_cfg, steps
         self.train_prompts, self.eval_prompts, self.eval_reference, self.gold = train_prompts, eval_prompts, \
             eval_reference, gold
         self.actor_s, self.critic_s = actor_strategy, critic_strategy
-        self.logger, self.points, self.identity = logger, points, identity
-        self.checkpoint_dir = Path(run_dir) / "checkpoints"
+        self.logger, self.points, self.identity, self.run_dir = logger, points, identity, Path(run_dir)
+        self.checkpoint_every = checkpoint_every
         self.device = actor_strategy.device
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        self.generators = {name: torch.Generator().manual_seed(seed + i)
-                           for i, name in enumerate(("data", "sampling", "shuffle"))}
+        seeds = {"data": seed, "sampling": seed + 1 + 1000 * comm.rank(), "shuffle": seed + 2}
+        self.generators = {name: torch.Generator().manual_seed(s) for name, s in seeds.items()}
         self.order: list[int] = []
         self.cursor, self.step = 0, 0
-        self._stop_signal: str | None = None
-        self.config_hash = config_hash   # a checkpoint only resumes the configuration that wrote it
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints",
+                                        {"actor": actor_strategy, "critic": critic_strategy}, config_hash)
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
         resumed = self.resume()
-        self._install_signal_handlers()
+        stop = StopRequest()
         if not resumed:
             self.evaluate()
         last: dict = {}
         while self.step < self.steps:
             started = time.perf_counter()
             prompts = self._next_prompts()
-            rollout = roll_out(self.models, self.tokenizer, prompts.ids, prompts.texts, self.cfg,
-                               self.generators["sampling"], self.device)
-            if rollout.mask.sum() == 0:
+            rollout = self.roll_out(prompts)
+            if comm.all_reduce_sum(rollout.mask.sum().detach().cpu()) == 0:
                 raise NonFiniteLossError(f"step {self.step + 1}: the reward returned no finite score for any episode")
-            adv = compute_advantages(rollout, self.kl_ctl.value, self.cfg)
+            adv = compute_advantages(rollout, self.kl_ctl.value, self.cfg, reduce_sum=comm.all_reduce_sum)
             train_stats = self.optimise(rollout, adv)
-            seq_kl = float((adv.kl.sum(-1)).mean())
-            self.kl_ctl.update(seq_kl, len(prompts.ids))
+            seq_kl = float(comm.all_reduce_mean(adv.kl.sum(-1).mean().detach().cpu()))
+            self.kl_ctl.update(seq_kl, self.cfg.rollout_batch_size)
             if self.cfg.ema_reference_decay is not None:
-                ema_update(self.models.reference.parameters(), self.actor_s.unwrap().parameters(),
-                           self.cfg.ema_reference_decay)
+                self._update_ema_reference()
             self.step += 1
             last = {**self.rollout_metrics(rollout, adv), **train_stats,
                     "objective/kl_coef": self.kl_ctl.value,
-                    "train/episodes_per_s": len(prompts.ids) / (time.perf_counter() - started)}
+                    "train/episodes_per_s": self.cfg.rollout_batch_size / (time.perf_counter() - started)}
             self.logger.log(last, self.step)
             if self.step % self.eval_cfg.every == 0 or self.step == self.steps:
                 self.evaluate()
-            self._maybe_checkpoint()
+            stopping = stop.agreed()
+            if stopping or self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                self.checkpoints.save(self.step, self.state_dict(), self.generators)
+            if stopping:
+                stop.stop(self.step, self.checkpoints.root)
         return last
 
     def _next_prompts(self) -> PromptSet:
-        """The next rollout batch from a shuffled pass over the train prompts (reshuffled each epoch)."""
+        """This rank's share (rows i % W == r) of the next rollout batch, from a shuffled pass over the train
+        prompts (reshuffled each epoch) that every rank draws identically."""
         n, ids, texts = self.cfg.rollout_batch_size, [], []
         while len(ids) < n:
             if self.cursor >= len(self.order):
@@ -105,7 +114,20 @@ class PPOTrainer:
             self.cursor += 1
             ids.append(self.train_prompts.ids[i])
             texts.append(self.train_prompts.texts[i])
-        return PromptSet(ids, texts)
+        return PromptSet(comm.shard(ids), comm.shard(texts))
+
+    @torch.no_grad()
+    def roll_out(self, prompts: PromptSet) -> Rollout:
+        """Sample one response per prompt with the full actor (KV cache, left-padded prompts), then score it
+        with every role, all under the training precision."""
+        with self.actor_s.autocast():
+            with self.actor_s.generation(self.models.actor) as actor:
+                seqs = sample_completions(actor, prompts.ids, eos_id=self.tokenizer.eos_token_id,
+                                          pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.response_length,
+                                          temperature=self.cfg.temperature, batch_size=len(prompts.ids),
+                                          generator=self.generators["sampling"],
+                                          sync_finish=self.actor_s.synced_generation)
+            return score_rollout(self.models, self.tokenizer, seqs, prompts.texts, self.cfg, self.device)
 
     # ------------------------------------------------------------------------------------------------ update
     def optimise(self, rollout: Rollout, adv: Advantages) -> dict:
@@ -124,8 +146,8 @@ class PPOTrainer:
                         totals.setdefault(k, []).append(v)
         self.models.actor.eval()
         self.models.critic.eval()
-        out = {k: sum(v) / len(v) for k, v in totals.items()}
-        ratios = torch.tensor(totals["val/ratio"])
+        out = comm.mean_over_ranks({k: sum(v) / len(v) for k, v in totals.items()})
+        ratios = torch.tensor([r for share in comm.all_gather_object(totals["val/ratio"]) for r in share])
         out["val/ratio_var"] = float(ratios.var(unbiased=False)) if len(ratios) > 1 else 0.0
         return out
 
@@ -139,8 +161,7 @@ class PPOTrainer:
             values = token_values(self.models.critic, seqs).float()
             v_loss, v_stats = value_loss(values, rollout.values[rows], adv.returns[rows], mask,
                                          self.cfg.cliprange_value)
-        if not (torch.isfinite(p_loss) and torch.isfinite(v_loss)):
-            raise NonFiniteLossError(f"step {self.step + 1}: policy loss {p_loss.item()}, value loss {v_loss.item()}")
+        check_finite(p_loss + v_loss, f"step {self.step + 1}: policy ({p_loss.item()}) + value")
         self.actor_s.backward(p_loss)
         self.critic_s.backward(self.cfg.vf_coef * v_loss)
         self.actor_s.step()
@@ -152,8 +173,16 @@ class PPOTrainer:
                 "loss/value_avg": v_loss.item(), "val/clipfrac_avg": float(v_stats["vf_clipfrac"]),
                 "val/ratio": float(p_stats["ratio_mean"])}
 
+    def _update_ema_reference(self) -> None:
+        """reference ← decay·reference + (1 − decay)·actor; under ZeRO-3 both are gathered and rank 0's result
+        is re-partitioned (the strategy's `modify`)."""
+        with self.actor_s.modify(self.models.reference, self.models.actor):
+            ema_update(self.actor_s.unwrap(self.models.reference).parameters(),
+                       self.actor_s.unwrap().parameters(), self.cfg.ema_reference_decay)
+
     # ------------------------------------------------------------------------------------------------ metrics
     def rollout_metrics(self, rollout: Rollout, adv: Advantages) -> dict:
+        """TRL's names; means over this rank's episodes, then over ranks (counts are summed)."""
         mask = rollout.mask
         used = mask.sum(-1) > 0
         metrics = {
@@ -162,71 +191,43 @@ class PPOTrainer:
             "objective/non_score_reward": float(adv.non_score_reward[used].mean()),
             "objective/rlhf_reward": float((rollout.scores + adv.non_score_reward)[used].mean()),
             "objective/scores": float(rollout.scores[used].mean()),
-            "val/num_eos_tokens": int(rollout.has_eos.sum()),
             "val/response_length": float(rollout.seqs.completion_mask.sum(-1).float().mean()),
-            "reward/nonfinite_episodes": rollout.num_nonfinite,
         }
         if self.gold is not None and self.models.reward.name.startswith("gold"):
             metrics["objective/gold"] = metrics["objective/scores"] if self.cfg.missing_eos_penalty is None else None
         elif self.gold is not None:
             texts = [p + c for p, c in zip(rollout.prompts, rollout.completions)]
             metrics["objective/gold"] = float(self.gold.score(texts).mean())
+        metrics = comm.mean_over_ranks(metrics)
+        counts = comm.all_reduce_sum(torch.tensor([float(rollout.has_eos.sum()), float(rollout.num_nonfinite)]))
+        metrics["val/num_eos_tokens"] = int(counts[0])
+        metrics["reward/nonfinite_episodes"] = int(counts[1])
         return metrics
 
     def evaluate(self) -> None:
-        actor = self.actor_s.unwrap()
-        result = evaluate_policy(actor, self.eval_reference, self.tokenizer, self.eval_prompts.ids, self.gold,
-                                 self.eval_cfg, proxy_reward=self.models.reward)
-        if self.actor_s.is_main:
-            self.points.write(point_row(self.identity, self.step, result, proxy_reward=result.proxy_reward_mean))
-            write_samples(self.checkpoint_dir.parent, self.step, result.records)  # for rlhf_lab.judges
-        self.logger.log(result.as_metrics(), self.step)
-        log.info("step %d: gold %.4f ± %.4f, KL %.3f ± %.3f, proxy %.3f", self.step, result.gold_reward_mean,
-                 result.gold_reward_se, result.kl_mean, result.kl_se, result.proxy_reward_mean)
+        evaluate_and_record(self.step, self.actor_s, self.models.actor, self.eval_reference, self.tokenizer,
+                            self.eval_prompts.ids, self.gold, self.eval_cfg, self.identity, self.points,
+                            self.logger, self.run_dir, proxy_reward=self.models.reward)
 
     # ------------------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        state = {"config_hash": self.config_hash, "step": self.step, "order": self.order, "cursor": self.cursor,
-                 "kl_ctl": self.kl_ctl.state_dict(),
-                 "actor": self.actor_s.state_dict(), "critic": self.critic_s.state_dict(),
-                 "rng": capture_rng(self.generators)}
+        state = {"step": self.step, "order": self.order, "cursor": self.cursor, "kl_ctl": self.kl_ctl.state_dict()}
         if self.cfg.ema_reference_decay is not None:
-            state["reference"] = self.models.reference.state_dict()
+            with self.actor_s.generation(self.models.reference) as reference:
+                state["reference"] = {k: v.detach().cpu().clone() for k, v in reference.state_dict().items()}
         return state
 
     def resume(self) -> bool:
-        path = latest_checkpoint(self.checkpoint_dir)
+        path = self.checkpoints.latest()
         if path is None:
             return False
-        state = load_checkpoint(path)
-        if state.get("config_hash") != self.config_hash:
-            raise UserError(f"checkpoint {path} was written by a run with a different configuration; resuming it "
-                            f"would mix two experiments. Use another run directory, or force=true to start afresh")
+        state = self.checkpoints.load(path, self.generators)
         self.step, self.order, self.cursor = state["step"], state["order"], state["cursor"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.actor_s.load_state_dict(state["actor"])
-        self.critic_s.load_state_dict(state["critic"])
         if "reference" in state:
-            self.models.reference.load_state_dict(state["reference"])
-        restore_rng(state["rng"], self.generators)
-        log.info("resumed from %s (step %d)", path, self.step)
+            with self.actor_s.modify(self.models.reference):
+                self.actor_s.unwrap(self.models.reference).load_state_dict(state["reference"])
         return True
-
-    def _maybe_checkpoint(self) -> None:
-        due = self.step % self.cfg.checkpoint_every == 0 or self.step == self.steps
-        if (due or self._stop_signal) and self.actor_s.is_main:
-            save_checkpoint(self.checkpoint_dir, self.step, self.state_dict())
-        if self._stop_signal:
-            raise PreemptedError(f"received {self._stop_signal}: checkpointed at step {self.step} in "
-                                 f"{self.checkpoint_dir}; rerun the same command to resume")
-
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = signal.Signals(signum).name
-            log.warning("%s received: will checkpoint after step %d and exit", self._stop_signal, self.step + 1)
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
 
 
 def _rows(seqs: SequenceBatch, rows: torch.Tensor) -> SequenceBatch:

@@ -15,7 +15,6 @@ from rlhf_lab.config import PPOConfig
 from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.models.heads import token_values
 from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
-from rlhf_lab.models.sampling import sample_completions
 
 
 @dataclass
@@ -53,12 +52,12 @@ class Advantages:
 
 
 @torch.no_grad()
-def roll_out(models: PPOModels, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str], cfg: PPOConfig,
-             generator: torch.Generator, device) -> Rollout:
-    """Sample one response per prompt (KV cache, left-padded prompts) and score it with every role."""
-    seqs = sample_completions(models.actor, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                              max_new_tokens=cfg.response_length, temperature=cfg.temperature,
-                              batch_size=len(prompt_ids), generator=generator).to(device)
+def score_rollout(models: PPOModels, tokenizer, seqs: SequenceBatch, prompt_texts: list[str], cfg: PPOConfig,
+                  device) -> Rollout:
+    """Score sampled episodes with every role: log-probs under the actor and the reference (at the rollout
+    temperature), the critic's values and the reward. Each role runs one batched pass per call, so ranks run
+    the same number of (possibly collective) forwards. The caller holds the strategy's autocast."""
+    seqs = seqs.to(device)
     mask = seqs.completion_mask.float()
     logprobs = token_logps_from_logits(completion_logits(models.actor, seqs, cfg.temperature), seqs)
     ref_logprobs = token_logps_from_logits(completion_logits(models.reference, seqs, cfg.temperature), seqs)
@@ -84,12 +83,13 @@ def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig) -> tu
 
 
 @torch.no_grad()
-def compute_advantages(rollout: Rollout, kl_coef: float, cfg: PPOConfig) -> Advantages:
-    """KL-penalised per-token rewards (PPO detail 5) → GAE (detail 7) → whitened advantages (detail 6)."""
+def compute_advantages(rollout: Rollout, kl_coef: float, cfg: PPOConfig, reduce_sum=None) -> Advantages:
+    """KL-penalised per-token rewards (PPO detail 5) → GAE (detail 7) → whitened advantages (detail 6).
+    reduce_sum: the all-reduce that makes whitening statistics global across data-parallel ranks."""
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * rollout.mask
     rewards, non_score = token_rewards(rollout.scores, kl, kl_coef, rollout.mask)
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, rollout.mask, shift_mean=False)
+        rewards = masked_whiten(rewards, rollout.mask, shift_mean=False, reduce_sum=reduce_sum)
     advantages, returns = gae(rewards, rollout.values, rollout.mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, rollout.mask, shift_mean=True) * rollout.mask
+    advantages = masked_whiten(advantages, rollout.mask, shift_mean=True, reduce_sum=reduce_sum) * rollout.mask
     return Advantages(kl, rewards, non_score, advantages, returns)

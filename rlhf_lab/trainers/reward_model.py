@@ -13,19 +13,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from rlhf_lab.algos.reward import bradley_terry_loss, fit_reward_normalization
-from rlhf_lab.config import RewardModelConfig
+from rlhf_lab.config import OptimConfig, RewardModelConfig
 from rlhf_lab.data.batches import SequenceBatch, TokenizedPair
 from rlhf_lab.data.collate import batches, collate_pairs
 from rlhf_lab.models.heads import sequence_scores
-from rlhf_lab.trainers.errors import NonFiniteLossError
-from rlhf_lab.trainers.optim import warmup_schedule
+from rlhf_lab.trainers.loop import GlobalBatches, accumulate, build_trained, micro_batch_for, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +55,22 @@ def validate_reward_config(cfg: RewardModelConfig) -> None:
 # ---------------------------------------------------------------------------------------------------- training
 def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair],
                        cfg: RewardModelConfig, strategy, seed: int, margins: dict[int, float] | None = None,
-                       log_fn: Callable[[dict, int], None] | None = None) -> dict:
+                       log_fn: Callable[[dict, int], None] | None = None, optim: OptimConfig | None = None) -> dict:
     """Train `model` (a scalar model from `models.heads`) in place for cfg.steps optimizer steps; return metrics.
 
     margins: pair index (TokenizedPair.index) -> required reward gap; used only when cfg.use_margin (a warning is
-    logged when use_margin is set but no margins were given). Each optimizer step sees cfg.batch_size pairs in
-    strategy.grad_accum micro-batches. The strategy's clipping is set to cfg.max_grad_norm.
+    logged when use_margin is set but no margins were given). Each optimizer step sees cfg.batch_size pairs over
+    all ranks, each rank strategy.grad_accum micro-batches of its share. The strategy's clipping is set to
+    cfg.max_grad_norm; the optimizer is optim.name (default AdamW) with reward_model.lr / weight_decay.
     Returned keys: train_loss/train_batch_accuracy (last step), eval_accuracy/eval_loss (held-out, before:
     initial_eval_*), train_accuracy (subset of ≤ TRAIN_ACCURACY_MAX_PAIRS train pairs), steps, train_pairs,
     eval_pairs, seconds, history (logged steps).
     """
     validate_reward_config(cfg)
     accum = strategy.grad_accum
-    if cfg.batch_size % accum:
-        raise ValueError(f"reward_model.batch_size={cfg.batch_size} is not a multiple of grad_accum={accum}")
-    micro = cfg.batch_size // accum
-    if len(train_pairs) < micro:
-        raise ValueError(f"only {len(train_pairs)} training pairs for a micro-batch of {micro} pairs")
+    micro_batch_for(cfg.batch_size, accum, "reward_model.batch_size")  # checks the division
+    if len(train_pairs) < cfg.batch_size:
+        raise ValueError(f"only {len(train_pairs)} training pairs for a batch of {cfg.batch_size} pairs")
     if cfg.use_margin and margins is None:
         log.warning("reward_model.use_margin is set but the pairs carry no scores: training without a margin")
     margins = margins if cfg.use_margin else None
@@ -83,33 +81,24 @@ def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_
 
     pad_id = tokenizer.pad_token_id
     strategy.max_grad_norm = cfg.max_grad_norm
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    model = strategy.setup(model, optimizer, warmup_schedule(optimizer, cfg.warmup_steps))
+    model = build_trained(strategy, model, optim or OptimConfig(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          warmup_steps=cfg.warmup_steps)
     device = strategy.device
 
     def evaluate(pairs):
-        with strategy.autocast():
-            return evaluate_reward_model(strategy.unwrap(model), pairs, pad_id, device=device)
+        with strategy.autocast(), strategy.generation(model) as module:
+            return evaluate_reward_model(module, pairs, pad_id, device=device)
+
+    def loss_fn(items):
+        loss, stats = pair_loss(model, items, pad_id, device, margins, cfg.center_rewards_coefficient)
+        return loss, {"rm/loss": loss.item(), **{f"rm/{k}": float(v) for k, v in stats.items()}}
 
     initial = evaluate(eval_pairs) if eval_pairs else {}
-    generator = torch.Generator().manual_seed(seed)
-    stream = _micro_batches(train_pairs, micro, generator)
+    batches = GlobalBatches(list(train_pairs), cfg.batch_size, torch.Generator().manual_seed(seed))
     history, last, started = [], {}, time.perf_counter()
     for step in range(1, cfg.steps + 1):
         model.train()
-        totals: dict[str, float] = {}
-        for _ in range(accum):
-            with strategy.autocast():
-                loss, stats = pair_loss(model, next(stream), pad_id, device, margins, cfg.center_rewards_coefficient)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"reward-model loss became {loss.item()} at step {step}; stopping")
-            strategy.backward(loss)
-            result = strategy.step()
-            for k, v in {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}.items():
-                totals[f"rm/{k}"] = totals.get(f"rm/{k}", 0.0) + v / accum
-        totals["rm/grad_norm"] = result.grad_norm
-        totals["rm/lr"] = strategy.optimizer.param_groups[0]["lr"]
+        totals = accumulate(strategy, rank_share(batches.next(), accum), loss_fn, "rm")
         last = totals
         if step % LOG_EVERY == 0 or step == cfg.steps:
             totals["rm/pairs_per_s"] = step * cfg.batch_size / (time.perf_counter() - started)
@@ -132,7 +121,7 @@ def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_
         "eval_accuracy": final.get("accuracy"), "eval_loss": final.get("loss"),
         "eval_margin": final.get("margin"),
         "initial_eval_accuracy": initial.get("accuracy"), "initial_eval_loss": initial.get("loss"),
-        "margin_used": margins is not None, "history": history,
+        "margin_used": margins is not None, "history": history, "world_size": strategy.describe()["world_size"],
     }
     if log_fn is not None:
         log_fn({f"rm/{k}": v for k, v in metrics.items()
@@ -153,12 +142,6 @@ def pair_loss(model, items: Sequence[TokenizedPair], pad_id: int, device, margin
         margin = torch.tensor([margins[int(i)] for i in batch.indices.tolist()], dtype=scores.dtype, device=device)
     return bradley_terry_loss(scores[:b], scores[b:], margin=margin,
                               center_rewards_coefficient=center_rewards_coefficient)
-
-
-def _micro_batches(items: list, size: int, generator: torch.Generator) -> Iterator[list]:
-    """Endless shuffled micro-batches, reshuffled each epoch, deterministic under the seed."""
-    while True:
-        yield from batches(items, size, shuffle=True, generator=generator, drop_last=True)
 
 
 # ---------------------------------------------------------------------------------------------------- data

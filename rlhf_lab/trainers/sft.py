@@ -7,9 +7,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rlhf_lab.config import SFTConfig
-from rlhf_lab.distributed.strategy import TorchStrategy
-from rlhf_lab.trainers.optim import warmup_schedule
+from rlhf_lab.config import OptimConfig, SFTConfig
+from rlhf_lab.trainers.loop import GlobalBatches, accumulate, build_trained, micro_batch_for, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +38,34 @@ def lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (nll.view_as(target_mask) * target_mask).sum() / target_mask.sum()
 
 
-def train_sft(model, tokenizer, texts: list[str], cfg: SFTConfig, strategy: TorchStrategy, seed: int,
+def train_sft(model, tokenizer, texts: list[str], cfg: SFTConfig, strategy, seed: int, optim: OptimConfig,
               log_fn=None):
-    """Train `model` in place for cfg.steps optimizer steps on random batches of `texts`; return final loss."""
+    """Train `model` for cfg.steps optimizer steps on random batches of `texts` (cfg.batch_size sequences per step
+    over all ranks, each rank its share); return the final loss (mean over ranks). The optimizer is optim.name
+    with sft.lr / sft.weight_decay / sft.warmup_steps."""
     rows = tokenize_texts(tokenizer, texts[: cfg.num_texts] if cfg.num_texts else texts, cfg.seq_len)
     if not rows:
         raise ValueError("SFT: no non-empty texts to train on")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model = strategy.setup(model, optimizer, warmup_schedule(optimizer, cfg.warmup_steps))
+    accum = strategy.grad_accum
+    micro_batch_for(cfg.batch_size, accum, "sft.batch_size")
+    model = build_trained(strategy, model, optim, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          warmup_steps=cfg.warmup_steps)
     model.train()
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(rows), generator=generator).tolist()
-    cursor, started, loss_value = 0, time.time(), float("nan")
+    batches = GlobalBatches(rows, cfg.batch_size, torch.Generator().manual_seed(seed))
+    pad_id, started, metrics = tokenizer.pad_token_id, time.time(), {}
+
+    def loss_fn(micro: list[list[int]]):
+        ids, mask = (t.to(strategy.device) for t in lm_batch(micro, pad_id))
+        loss = lm_loss(model, ids, mask)
+        return loss, {"sft/loss": loss.item()}
+
     for step in range(1, cfg.steps + 1):
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(rows), generator=generator).tolist(), 0
-        batch = [rows[i] for i in order[cursor: cursor + cfg.batch_size]]
-        cursor += cfg.batch_size
-        ids, mask = (t.to(strategy.device) for t in lm_batch(batch, tokenizer.pad_token_id))
-        with strategy.autocast():
-            loss = lm_loss(model, ids, mask)
-        strategy.backward(loss)
-        result = strategy.step()
-        loss_value = loss.item()
+        metrics = accumulate(strategy, rank_share(batches.next(), accum), loss_fn, "sft")
         if step % 50 == 0 or step == cfg.steps:
-            metrics = {"sft/loss": loss_value, "sft/grad_norm": result.grad_norm,
-                       "sft/tokens_per_s": step * cfg.batch_size * cfg.seq_len / (time.time() - started)}
-            log.info("sft step %d/%d: loss %.3f (%.0f tokens/s)", step, cfg.steps, loss_value,
+            metrics["sft/tokens_per_s"] = step * cfg.batch_size * cfg.seq_len / (time.time() - started)
+            log.info("sft step %d/%d: loss %.3f (%.0f tokens/s)", step, cfg.steps, metrics["sft/loss"],
                      metrics["sft/tokens_per_s"])
             if log_fn is not None:
                 log_fn(metrics, step)
     model.eval()
-    return loss_value
+    return metrics["sft/loss"]

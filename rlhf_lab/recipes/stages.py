@@ -1,0 +1,277 @@
+"""Shared stages, each built once into the content-addressed cache and reused by every run that needs it.
+
+    task assets (tokenizer, prompts, gold reward) ─> SFT model ─> preference pairs ─> reference log-probs
+
+A stage's directory is `<cache_dir>/<stage>/<hash of the config that determines it>`; it is built under a file
+lock (concurrent jobs wait instead of duplicating work) inside `atomic_dir` (a killed build leaves nothing
+that looks complete). Functions here take only the config groups they need.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_lab.config import ModelConfig, OptimConfig, PreferenceGenConfig, SFTConfig, TaskConfig
+from rlhf_lab.data.batches import TokenizedPair
+from rlhf_lab.data.collate import collate_pairs
+from rlhf_lab.data.tokenize import TruncationConfig
+from rlhf_lab.distributed import comm
+from rlhf_lab.models.build import build_causal_lm, load_causal_lm, load_tokenizer
+from rlhf_lab.models.logprobs import sequence_logps
+from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_dir, is_complete, stable_hash
+from rlhf_lab.utils.lock import file_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutput:
+    name: str
+    key: str
+    dir: Path
+    built: bool            # False when reused from the cache
+    seconds: float         # build (or lookup) wall time
+
+
+def cached_stage(cache_dir: Path, stage: str, key_obj: dict, build: Callable[[Path], None],
+                 collective: bool = False) -> StageOutput:
+    """Return the stage's directory, building it with `build(tmp_dir)` if no complete copy exists.
+
+    With several processes only rank 0 takes the stage lock and decides; the ranks follow its decision, so no
+    rank waits on the lock while another runs a collective. `collective=True` (SFT, reward model: data-parallel
+    training) runs `build` on every rank into the same temporary directory (only rank 0 writes files);
+    otherwise rank 0 builds alone while the others wait. A failure on any rank fails the stage on every rank."""
+    key = stable_hash(key_obj)
+    final = Path(cache_dir) / stage / key
+    started = time.time()
+    built = False
+    if not comm.broadcast_object(is_complete(final) if comm.is_main() else None):
+        lock = file_lock(Path(cache_dir) / stage / f".{key}.lock") if comm.is_main() else contextlib.nullcontext()
+        with lock:
+            # another process may have finished it while we waited
+            built = comm.broadcast_object(not is_complete(final) if comm.is_main() else None)
+            if built:
+                log.info("building stage %s (%s)", stage, key)
+                _build_published(final, key_obj, build, collective)
+    return StageOutput(stage, key, final, built, time.time() - started)
+
+
+def _build_published(final: Path, key_obj: dict, build: Callable[[Path], None], collective: bool) -> None:
+    if comm.is_main():
+        with atomic_dir(final) as tmp:
+            (tmp / "key.json").write_text(json.dumps(key_obj, indent=2, sort_keys=True, default=str))
+            comm.broadcast_object(str(tmp))
+            _build_on_ranks(build, tmp, run=True)
+    else:
+        tmp = Path(comm.broadcast_object(None))
+        _build_on_ranks(build, tmp, run=collective)
+    comm.barrier()  # published before any rank reads it
+
+
+def _build_on_ranks(build: Callable[[Path], None], tmp: Path, run: bool) -> None:
+    error = None
+    if run:
+        try:
+            build(tmp)
+        except Exception as e:  # re-raised below, after every rank has heard of it
+            error = e
+    messages = comm.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m]
+    if failed:
+        raise RuntimeError(f"building the stage failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+# ---------------------------------------------------------------------------------------------------- task
+def build_task(task_cfg: TaskConfig, gold_name: str, cache_dir: Path):
+    """The embedded IMDb task (tokenizer, splits, prompts, gold reward); cached by the task module itself (which
+    publishes each artefact atomically). The lock makes concurrent jobs wait for one build instead of racing."""
+    return task_stage(task_cfg, gold_name, cache_dir)[0]
+
+
+def task_stage(task_cfg: TaskConfig, gold_name: str, cache_dir: Path):
+    """`build_task` plus a StageOutput (was it built, how long it took) for the study's stage record."""
+    from rlhf_lab.data.tasks.imdb import ImdbTaskConfig, build_imdb_task
+
+    fields = {k: v for k, v in asdict(task_cfg).items() if k != "name"}
+    started = time.time()
+    with file_lock(Path(cache_dir) / "imdb" / ".build.lock"):
+        task = build_imdb_task(ImdbTaskConfig(**fields, gold=gold_name), Path(cache_dir))
+    # the task directory is published last, after its tokenizer and gold reward: a fresh marker means a build
+    built = (task.dir / COMPLETE_MARKER).stat().st_mtime >= started
+    return task, StageOutput("task", task.key, task.dir, built, time.time() - started)
+
+
+# ---------------------------------------------------------------------------------------------------- SFT
+@dataclass
+class StageTraining:
+    """How a stage that trains (SFT, reward model) builds its optimizer and strategy. Everything here that can
+    change the trained weights enters the stage key (the strategy itself does not: any world size and ZeRO stage
+    trains the same model up to reduction order)."""
+
+    optim: OptimConfig                  # optimizer name and betas (lr, weight decay, warm-up: the stage's group)
+    precision: str                      # train.precision: the same autocast as the run
+    strategy_factory: Callable[..., object]  # (grad_accum, max_grad_norm, micro_batch_size) -> Strategy
+
+    def key(self, max_grad_norm: float | None) -> dict:
+        return {"optim": self.optim.name, "betas": list(self.optim.betas), "precision": self.precision,
+                "max_grad_norm": max_grad_norm}
+
+
+def sft_stage(cache_dir: Path, task, task_key: str, model_cfg: ModelConfig, sft_cfg: SFTConfig, seed: int,
+              training: StageTraining) -> StageOutput:
+    """Fine-tune the base model on the task's train text (data-parallel over all ranks); HF checkpoint +
+    tokenizer in the stage directory."""
+    from rlhf_lab.trainers.loop import micro_batch_for
+    from rlhf_lab.trainers.sft import train_sft
+
+    # task_key: the tokenizer's key, which fixes the train texts and their tokenisation (not the prompt counts);
+    # SFT clips at optim.max_grad_norm
+    key = {"task": task_key, "model": asdict(model_cfg), "sft": asdict(sft_cfg), "seed": seed,
+           "training": training.key(training.optim.max_grad_norm)}
+
+    def build(out: Path) -> None:
+        tokenizer = load_tokenizer(task.tokenizer_path)
+        model = build_causal_lm(model_cfg, tokenizer, seed)
+        micro = micro_batch_for(sft_cfg.batch_size, 1, "sft.batch_size")
+        strategy = training.strategy_factory(1, training.optim.max_grad_norm, micro)
+        history = []
+        loss = train_sft(model, tokenizer, task.train_texts, sft_cfg, strategy, seed, training.optim,
+                         log_fn=lambda m, s: history.append({"step": s, **m}))
+        strategy.save_hf(out, tokenizer)
+        if comm.is_main():
+            (out / "sft_history.json").write_text(json.dumps({"final_loss": loss, "history": history}, indent=2))
+
+    return cached_stage(cache_dir, "sft", key, build, collective=True)
+
+
+# ---------------------------------------------------------------------------------------------------- prefs
+def preference_stage(cache_dir: Path, task, model_key: str, model_dir: Path, gen_cfg: PreferenceGenConfig,
+                     gold_name: str, seed: int, device: torch.device) -> StageOutput:
+    """Sample k completions per train prefix from the SFT model and label every pair with the gold reward."""
+    from rlhf_lab.recipes.prefgen import generate_preferences
+
+    key = {"model": model_key, "gen": asdict(gen_cfg), "gold": gold_name, "seed": seed}
+
+    def build(out: Path) -> None:
+        tokenizer = load_tokenizer(model_dir)
+        model = load_causal_lm(model_dir).to(device)
+        info = generate_preferences(model, tokenizer, task.train_prompts, task.gold, gen_cfg, seed,
+                                    out / "pairs.jsonl")
+        (out / "prefs_info.json").write_text(json.dumps(info, indent=2))
+
+    return cached_stage(cache_dir, "preferences", key, build)
+
+
+# ---------------------------------------------------------------------------------------------------- ref
+def reference_logps_stage(cache_dir: Path, reference_key: str, reference_dir: Path, data_key: str,
+                          pairs: list[TokenizedPair], num_rows: int, pad_id: int, trunc: TruncationConfig,
+                          device: torch.device, batch_size: int = 64) -> tuple[StageOutput, torch.Tensor]:
+    """Σ log π_ref over completion tokens for every pair, computed once per (reference, dataset, tokenisation).
+
+    Returns a (num_rows, 2) float32 table [chosen, rejected] indexed by the dataset row (NaN for skipped rows),
+    shared by every run of a β sweep. Temperature 1: the DPO family scores the untempered reference.
+    """
+    key = {"reference": reference_key, "data": data_key, "tokenization": asdict(trunc), "temperature": 1.0}
+
+    def build(out: Path) -> None:
+        reference = load_causal_lm(reference_dir).to(device).eval()
+        table = torch.full((num_rows, 2), float("nan"))
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                batch = collate_pairs(chunk, pad_id).to(device)
+                logps = sequence_logps(reference, batch.sequences).float().cpu()
+                n = len(chunk)
+                table[batch.indices.cpu(), 0] = logps[:n]
+                table[batch.indices.cpu(), 1] = logps[n:]
+        torch.save(table, out / "reference_logps.pt")
+
+    stage = cached_stage(cache_dir, "reference_logps", key, build)
+    return stage, torch.load(stage.dir / "reference_logps.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- RM
+def reward_model_stage(cache_dir: Path, sft_key: str, sft_dir: Path, prefs_key: str, pairs_path: Path, rm_cfg,
+                       trunc: TruncationConfig, seed: int, device: torch.device,
+                       training: StageTraining) -> StageOutput:
+    """Bradley–Terry reward model on the preference pairs, initialised from the SFT checkpoint (new head, PPO
+    detail 9), with a gain/bias fitted on SFT samples (detail 6).
+
+    The directory holds an HF sequence-classification checkpoint + tokenizer (`models.heads.load_scalar_model`),
+    `reward_normalization.json` (absent when rm_cfg.normalization_samples = 0) and `rm_info.json` (accuracies,
+    steps, pair counts, skip reports, training history). Held-out pairs: whole prompts, split by `seed`.
+    """
+    from rlhf_lab.data.formats import load_preference_records, parse_pairs
+    from rlhf_lab.data.tokenize import tokenize_pairs
+    from rlhf_lab.models.heads import build_scalar_model
+    from rlhf_lab.trainers.loop import micro_batch_for
+    from rlhf_lab.trainers.reward_model import (
+        margins_from_records,
+        split_pairs_by_prompt,
+        train_reward_model,
+        validate_reward_config,
+    )
+
+    validate_reward_config(rm_cfg)
+    key = {"sft": sft_key, "prefs": prefs_key, "rm": asdict(rm_cfg), "tokenization": asdict(trunc), "seed": seed,
+           "training": training.key(rm_cfg.max_grad_norm)}
+
+    def build(out: Path) -> None:
+        tokenizer = load_tokenizer(sft_dir)
+        # = load_preference_pairs, keeping the raw records for the gold-score margins
+        records, name = load_preference_records(str(pairs_path))
+        pairs, report = parse_pairs(records, name, tokenizer)
+        tokenized, tok_report = tokenize_pairs(pairs, tokenizer, trunc, source=name)
+        log.info("%s", report.summary())
+        log.info("%s", tok_report.summary())
+        margins = margins_from_records(records) if rm_cfg.use_margin else None
+        train_pairs, eval_pairs = split_pairs_by_prompt(tokenized, rm_cfg.eval_fraction, seed)
+
+        strategy = training.strategy_factory(1, rm_cfg.max_grad_norm,
+                                             micro_batch_for(rm_cfg.batch_size, 1, "reward_model.batch_size"))
+        model = build_scalar_model(sft_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
+        metrics = train_reward_model(model, tokenizer, train_pairs, eval_pairs, rm_cfg, strategy, seed, margins,
+                                     optim=training.optim)
+        with strategy.generation() as reward_model:   # full parameters on every rank (ZeRO-3 gathers them)
+            _finish_reward_model(out, reward_model.eval(), tokenizer, train_pairs, rm_cfg, trunc, seed, device,
+                                 sft_dir, {**metrics, "total_pairs": len(tokenized),
+                                           "parse_report": report.summary(), "tokenize_report": tok_report.summary()})
+
+    return cached_stage(cache_dir, "reward_model", key, build, collective=True)
+
+
+def _finish_reward_model(out: Path, reward_model, tokenizer, train_pairs, rm_cfg, trunc: TruncationConfig, seed: int,
+                         device, sft_dir: Path, info: dict) -> None:
+    """Fit the gain/bias on SFT samples (every rank computes the same numbers) and write the stage (rank 0)."""
+    from rlhf_lab.models.heads import save_scalar_model
+    from rlhf_lab.models.sampling import sample_completions
+    from rlhf_lab.trainers.reward_model import fit_normalization
+
+    normalization = None
+    if rm_cfg.normalization_samples > 0:
+        generator = torch.Generator().manual_seed(seed)
+        prompts = list(dict.fromkeys(tuple(p.prompt_ids) for p in train_pairs))   # distinct, in data order
+        order = torch.randperm(len(prompts), generator=generator).tolist()
+        chosen = [list(prompts[order[i % len(order)]]) for i in range(rm_cfg.normalization_samples)]
+        sft = load_causal_lm(sft_dir).to(device).eval()
+        samples = sample_completions(sft, chosen, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                     max_new_tokens=trunc.max_completion_length, temperature=1.0,
+                                     generator=generator)
+        del sft
+        normalization = fit_normalization(
+            reward_model, samples,
+            fitted_on=f"{len(samples)} SFT samples (temperature 1, ≤{trunc.max_completion_length} tokens) on "
+                      f"{min(len(prompts), len(samples))} train-pair prompts")
+    if comm.is_main():
+        save_scalar_model(reward_model, tokenizer, out, normalization)
+        (out / "rm_info.json").write_text(json.dumps({**info, "normalization": normalization}, indent=2,
+                                                     default=str))
