@@ -74,4 +74,16 @@ def assert_metrics_close(got: list[dict], want: list[dict], rtol: float, atol: f
             assert abs(value - expected) <= atol + tol * abs(expected), (g["step"], key, value, expected)
 
 
-__all__ = ["REPO", "assert_metrics_close", "kill_after_checkpoint", "run_torchrun", "train_metrics"]
+__all__ = ["REPO", "assert_metrics_close", "kill_after_checkpoint", "run_torchrun", "smoke_study_file", "train_metrics"]
+
+
+def smoke_study_file(tmp: Path, name: str, arms: dict[str, dict], **extra) -> Path:
+    """The smoke study's tiny overrides with the given arms (and extra top-level keys such as resources)."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "rlhf_lab" / "conf" / "studies" / "smoke.yaml").read_text())
+    spec.pop("judges", None)
+    spec.update({"name": name, "arms": arms, **extra})
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path

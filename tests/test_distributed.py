@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli import run_cli
-from tests.distributed import assert_metrics_close, kill_after_checkpoint, run_torchrun, train_metrics
+from tests.distributed import (assert_metrics_close, kill_after_checkpoint, run_torchrun, smoke_study_file,
+                               train_metrics)
 from tests.test_pipeline_smoke import TINY
 
 pytestmark = pytest.mark.integration
@@ -130,3 +131,28 @@ def test_sigkill_and_resume_under_zero3(workspace, stages_two_ranks, algo):
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_metrics_close(train_metrics(killed), train_metrics(straight), 0.0, 0.0)
     assert read_points(killed / "points.csv") == read_points(straight / "points.csv")
+
+
+def test_study_points_on_two_processes_locally(tmp_path):
+    """`resources: {processes: 2}`: the local runner starts each point as 2 ranks under torchrun (each rank runs
+    `rlhf-lab study ... phase=point index=I`, as srun tasks do on SLURM); the points table is assembled as usual."""
+    study = smoke_study_file(tmp_path, "two_ranks", {
+        "dpo": {"overrides": ["algo=dpo"], "sweep": {"algo.beta": [0.1]}},
+        "ppo_gt": {"overrides": ["algo=ppo_gt", "algo.rollout_batch_size=8", "algo.micro_batch_size=2",
+                               "algo.ppo_epochs=1", "algo.response_length=8"], "sweep": {"algo.kl_coef": [0.05]}},
+    }, resources={"processes": 2})
+    run_cli(["study", f"study={study}", f"output_root={tmp_path / 'out'}", "train.device=cpu"], tmp_path,
+            timeout=600)
+    runs = tmp_path / "out" / "two_ranks" / "runs"
+    for run in ("dpo-beta0.1-seed0", "ppo_gt-kl_coef0.05-seed0"):
+        summary = json.loads((runs / run / "summary.json").read_text())
+        assert summary["world_size"] == 2 and (runs / run / "_COMPLETE").exists()
+    with open(tmp_path / "out" / "two_ranks" / "points.csv") as f:
+        assert {row["run_id"] for row in csv.DictReader(f)} == {"dpo-beta0.1-seed0", "ppo_gt-kl_coef0.05-seed0"}
+
+
+def test_study_resources_are_validated(tmp_path):
+    study = smoke_study_file(tmp_path, "bad", {"dpo": {"overrides": ["algo=dpo"]}},
+                             resources={"processes": 3, "nodes": 2})
+    out = run_cli(["study", f"study={study}", "phase=list"], tmp_path, check=False)
+    assert out.returncode == 2 and "resources.processes=3 is not a multiple of resources.nodes=2" in out.stderr

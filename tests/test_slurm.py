@@ -6,6 +6,7 @@ Skipped only where SLURM is not installed (`make setup` installs Debian's slurm-
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -189,3 +190,26 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_ppo(slurm_cluster, a
     assert (run / "_COMPLETE").is_file()
     with open(run / "points.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 60]   # step 0 once (not re-evaluated on resume)
+
+
+# ------------------------------------------------------------------------------------------ multi-process points
+def test_point_with_two_processes_runs_as_two_srun_tasks(slurm_cluster, array_study, tmp_path):  # noqa: F811
+    """`resources: {processes: 2}`: the array task gets 2 SLURM tasks, the template starts one rank per task with
+    srun (RANK from SLURM_PROCID, rendezvous on the first node) and the point trains data-parallel."""
+    spec = yaml.safe_load(smoke_subset(tmp_path, ("dpo",)).read_text())
+    spec["name"], spec["arms"]["dpo"]["sweep"] = "two_tasks", {"algo.beta": [0.1]}
+    spec["resources"] = {"processes": 2, "cpus_per_process": 1}
+    study = tmp_path / "two_tasks.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    overrides = [f"output_root={tmp_path}", f"cache_dir={array_study['dir'].parent / 'cache'}", "train.device=cpu"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+        ids = submit_study(str(study), overrides, ["--cpus-per-task=1", "--mem=4G", "--time=10"])
+    logs = lambda: sorted((tmp_path / "two_tasks" / "slurm").glob("*.out"))  # noqa: E731
+    states = slurm_cluster.wait(list(ids.values()), WAIT_S)
+    assert_all_completed(slurm_cluster, states, logs())
+    point_log = next(p for p in logs() if p.name.startswith("point-")).read_text(errors="replace")
+    assert "point on 2 tasks over 1 node(s)" in point_log, point_log[-2000:]
+    run = tmp_path / "two_tasks" / "runs" / "dpo-beta0.1-seed0"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert (tmp_path / "two_tasks" / "points.csv").is_file()

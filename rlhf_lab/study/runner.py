@@ -19,6 +19,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
 from rlhf_lab.config import PPOConfig, RunConfig, to_container, validate_run_config
+from rlhf_lab.distributed import comm
 from rlhf_lab.study import record
 from rlhf_lab.trainers.errors import PreemptedError
 from rlhf_lab.utils.cache import atomic_write_text, stable_hash
@@ -38,7 +41,8 @@ from rlhf_lab.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 PHASES = ("all", "list", "stages", "point", "aggregate")
 STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher", "sbatch")
-STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges")
+STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges", "resources")
+RESOURCE_KEYS = {"processes": 1, "nodes": 1, "gpus_per_node": 0, "cpus_per_process": 1}
 
 
 @dataclass
@@ -46,6 +50,28 @@ class SweepPoint:
     arm: str
     run_id: str
     overrides: list[str]
+    index: int = 0               # position in the study's point list (= SLURM array task id)
+
+
+def study_resources(spec: dict, path: str = "study file") -> dict[str, int]:
+    """`resources` of a study: processes per sweep point (data-parallel ranks, one per GPU on a GPU cluster),
+    nodes per point, GPUs per node and CPU cores per process; every point of the study has this shape."""
+    given = spec.get("resources") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{path}: 'resources' must be a mapping of {', '.join(RESOURCE_KEYS)}")
+    unknown = set(given) - set(RESOURCE_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: resources has unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(expected {', '.join(RESOURCE_KEYS)})")
+    res = {**RESOURCE_KEYS, **given}
+    for key, value in res.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "gpus_per_node" else 1):
+            raise ConfigError(f"{path}: resources.{key} must be a {'non-negative' if key == 'gpus_per_node' else 'positive'}"
+                              f" integer, got {value!r}")
+    if res["processes"] % res["nodes"]:
+        raise ConfigError(f"{path}: resources.processes={res['processes']} is not a multiple of "
+                          f"resources.nodes={res['nodes']}")
+    return res
 
 
 @dataclass
@@ -100,6 +126,7 @@ def load_study(name: str) -> dict:
         for key in arm_spec or {}:
             if key not in ("overrides", "sweep"):
                 raise ConfigError(f"study file {path}: arm '{arm}' has unknown key '{key}' (expected overrides, sweep)")
+    study_resources(spec, f"study file {path}")
     return spec
 
 
@@ -120,7 +147,7 @@ def sweep_points(spec: dict, extra: list[str] | tuple[str, ...]) -> list[SweepPo
                 overrides = (list(spec.get("overrides", [])) + list((arm_spec or {}).get("overrides", []))
                              + [f"{k}={v}" for k, v in zip(keys, values)]
                              + [f"seed={seed}", f"study={spec['name']}", f"run_id={run_id}"] + list(extra))
-                points.append(SweepPoint(arm, run_id, overrides))
+                points.append(SweepPoint(arm, run_id, overrides, len(points)))
     return points
 
 
@@ -198,25 +225,52 @@ def run_point(point: SweepPoint, study_dir: Path, cfg: RunConfig | None = None) 
     except PreemptedError:  # the job was asked to stop: the run checkpointed; nothing failed
         raise
     except Exception:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        if comm.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
         raise
     seconds = float(summary.get("seconds", time.time() - started))
-    record.record_study(study_dir, run_seconds={point.run_id: round(seconds, 1)})
+    if comm.is_main():
+        record.record_study(study_dir, run_seconds={point.run_id: round(seconds, 1)})
     return seconds
 
 
-def _point_in_worker(point: SweepPoint, study_dir: Path, threads: int) -> tuple[str, str | None]:
-    """Process-pool entry: one point with `threads` torch threads; returns (run_id, error or None)."""
+@dataclass
+class PointLauncher:
+    """How the local runner starts a sweep point: in this process, or — when the study's resources ask for more
+    than one process — as that many ranks under torchrun, each running `rlhf-lab study ... phase=point index=I`
+    (what each srun task runs on SLURM)."""
+
+    study: str                       # the study name or path as the user gave it
+    overrides: tuple[str, ...]       # command-line overrides applied to every run
+    processes: int = 1
+    threads: int = 1                 # torch threads per process
+
+    def run(self, point: SweepPoint, study_dir: Path, cfg: RunConfig | None = None) -> float:
+        if self.processes == 1 or comm.world_size() > 1:
+            return run_point(point, study_dir, cfg)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(self.processes), "-m", "rlhf_lab.cli", "study", f"study={self.study}", "phase=point",
+                   f"index={point.index}", *self.overrides]
+        started = time.time()
+        code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(self.threads)}).returncode
+        if code != 0:
+            raise RuntimeError(f"point {point.run_id} on {self.processes} processes exited with code {code} "
+                               f"(details in {study_dir / 'runs' / point.run_id / 'error.txt'})")
+        return time.time() - started
+
+
+def _point_in_worker(point: SweepPoint, study_dir: Path, launcher: PointLauncher) -> tuple[str, str | None]:
+    """Process-pool entry: one point with the launcher's torch threads; returns (run_id, error or None)."""
     import torch
 
     from rlhf_lab.cli import quiet_libraries
 
     quiet_libraries()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(launcher.threads)
     _log_lines_as(point.run_id)
     try:
-        run_point(point, study_dir)
+        launcher.run(point, study_dir)
         return point.run_id, None
     except PreemptedError as e:  # asked to stop: the run checkpointed and resumes on the next study run
         return point.run_id, f"stopped: {e}"
@@ -244,14 +298,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Path, jobs: int) -> list[str]:
+def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Path, jobs: int,
+               launcher: PointLauncher) -> list[str]:
     """Every sweep point, `jobs` at a time (separate processes splitting the cores); returns the failed run ids."""
     started, failures = time.time(), []
+    launcher.threads = max(1, (os.cpu_count() or 1) // (jobs * launcher.processes))
     if jobs == 1:
         for point, cfg in zip(points, configs):
             log.info("=== %s", point.run_id)
             try:
-                run_point(point, study_dir, cfg)
+                launcher.run(point, study_dir, cfg)
             except PreemptedError:
                 raise
             except Exception as e:  # one failed point must not stop the others
@@ -261,21 +317,21 @@ def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Pa
     else:
         # longest first (PPO's four models cost more per step than DPO's two): a shorter tail when jobs > 1
         longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, PPOConfig))
-        failures = _run_pool([p for p, _ in longest_first], study_dir, jobs)
+        failures = _run_pool([p for p, _ in longest_first], study_dir, jobs, launcher)
     record.record_study(study_dir, phase_seconds={"runs": round(time.time() - started, 1)})
     return failures
 
 
-def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int) -> list[str]:
+def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int, launcher: PointLauncher) -> list[str]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log.info("running %d points, %d at a time with %d torch thread(s) each", len(points), jobs, threads)
+    log.info("running %d points, %d at a time with %d process(es) of %d torch thread(s) each", len(points), jobs,
+             launcher.processes, launcher.threads)
     failures = []
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent) as pool:
-        futures = {pool.submit(_point_in_worker, p, study_dir, threads): p for p in points}
+        futures = {pool.submit(_point_in_worker, p, study_dir, launcher): p for p in points}
         for future in as_completed(futures):
             point = futures[future]
             try:
@@ -324,10 +380,12 @@ def _run_phases(opts: StudyArgs, spec: dict, points, configs, study_dir: Path) -
     from rlhf_lab.tracking.run_info import git_info, package_versions
 
     started = time.time()
-    record.record_study(study_dir, study=spec["name"], spec=spec, versions=package_versions(), git=git_info(),
-                        overrides=list(opts.overrides))
+    if comm.is_main():
+        record.record_study(study_dir, study=spec["name"], spec=spec, versions=package_versions(), git=git_info(),
+                            overrides=list(opts.overrides))
+    launcher = PointLauncher(opts.name, tuple(opts.overrides), study_resources(spec)["processes"])
     if opts.phase == "point":
-        run_point(points[0], study_dir, configs[0])
+        launcher.run(points[0], study_dir, configs[0])
         return 0
     failures, runnable = [], list(range(len(points)))
     if opts.phase in ("all", "stages"):
@@ -336,7 +394,8 @@ def _run_phases(opts: StudyArgs, spec: dict, points, configs, study_dir: Path) -
         failures = [p.run_id for i, p in enumerate(points) if i not in runnable]
     if opts.phase == "all":
         jobs = opts.jobs or int(spec.get("jobs", 1))
-        failures += run_points([points[i] for i in runnable], [configs[i] for i in runnable], study_dir, jobs)
+        failures += run_points([points[i] for i in runnable], [configs[i] for i in runnable], study_dir, jobs,
+                               launcher)
     if opts.phase in ("all", "aggregate"):
         finish_study(study_dir, spec, configs[0], started if opts.phase == "all" else None)
     if failures:

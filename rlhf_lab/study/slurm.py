@@ -37,17 +37,29 @@ def template_path() -> Path:
     return path
 
 
-def study_layout(study_name: str, extra_overrides: list[str]) -> tuple[str, int, Path]:
-    """(study name as written in its file, number of sweep points, study output directory) — the same
-    expansion `rlhf-lab study ... phase=list` prints, so array index I is line I of that list."""
-    from rlhf_lab.study.runner import compose_run_config, load_study, sweep_points
+def study_layout(study_name: str, extra_overrides: list[str]) -> tuple[str, int, Path, dict]:
+    """(study name as written in its file, number of sweep points, study output directory, resources per point)
+    — the same expansion `rlhf-lab study ... phase=list` prints, so array index I is line I of that list."""
+    from rlhf_lab.study.runner import compose_run_config, load_study, study_resources, sweep_points
 
     spec = load_study(study_name)
     points = sweep_points(spec, extra_overrides)
     if not points:
         raise ConfigError(f"study {study_name!r} has no sweep points")
     output_root = Path(compose_run_config(points[0].overrides).output_root)
-    return spec["name"], len(points), output_root / spec["name"]
+    return spec["name"], len(points), output_root / spec["name"], study_resources(spec)
+
+
+def point_resources(resources: dict) -> list[str]:
+    """sbatch options that give every array task (one sweep point) its processes: one srun task per rank,
+    spread over `nodes` nodes, with GPUs per node when the study asks for them. The template starts the ranks
+    with srun and points them at the first node (multi-node rendezvous from SLURM's variables)."""
+    processes, nodes = resources["processes"], resources["nodes"]
+    options = [f"--nodes={nodes}", f"--ntasks={processes}", f"--ntasks-per-node={processes // nodes}",
+               f"--cpus-per-task={resources['cpus_per_process']}"]
+    if resources["gpus_per_node"]:
+        options.append(f"--gpus-per-node={resources['gpus_per_node']}")
+    return options
 
 
 def venv_dir() -> str | None:
@@ -80,7 +92,7 @@ def submit_study(study_name: str, extra_overrides: list[str], sbatch_args: list[
     Jobs run in the current directory (relative output_root / cache_dir resolve as they do locally) and log
     to `<output_root>/<study>/slurm/`. `max_parallel` caps how many array tasks run at once (--array=...%N).
     """
-    name, count, study_dir = study_layout(study_name, list(extra_overrides))
+    name, count, study_dir, resources = study_layout(study_name, list(extra_overrides))
     template = str(template_path())
     if sbatch_args is None:
         sbatch_args = shlex.split(os.environ.get(ARGS_ENV, ""))
@@ -95,8 +107,9 @@ def submit_study(study_name: str, extra_overrides: list[str], sbatch_args: list[
 
     ids = {"stages": submit("stages", "stages", "stages-%j.out")}
     array = f"0-{count - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    shape = point_resources(resources) if resources["processes"] > 1 or resources["gpus_per_node"] else []
     ids["points"] = submit("point", "points", "point-%A_%a.out", f"--array={array}",
-                           f"--dependency=afterok:{ids['stages']}", "--kill-on-invalid-dep=yes")
+                           f"--dependency=afterok:{ids['stages']}", "--kill-on-invalid-dep=yes", *shape)
     ids["aggregate"] = submit("aggregate", "aggregate", "aggregate-%j.out",
                               f"--dependency=afterany:{ids['points']}")
     return ids
