@@ -39,7 +39,10 @@ def train_app(raw: DictConfig) -> dict | None:
     from rlhf_lab.config import validate_run_config
     from rlhf_lab.recipes.run import run_alignment
 
+    from rlhf_lab.distributed.comm import adopt_submitit_env
+
     quiet_libraries()  # joblib/submitit workers never run main()
+    adopt_submitit_env()
     if int(os.environ.get("RANK", "0")) != 0:  # one log per run: the other ranks report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
     hc = HydraConfig.get()

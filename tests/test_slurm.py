@@ -213,3 +213,16 @@ def test_point_with_two_processes_runs_as_two_srun_tasks(slurm_cluster, array_st
     run = tmp_path / "two_tasks" / "runs" / "dpo-beta0.1-seed0"
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     assert (tmp_path / "two_tasks" / "points.csv").is_file()
+
+
+def test_hydra_submitit_point_on_two_tasks_trains_data_parallel(slurm_cluster, array_study, tmp_path):  # noqa: F811
+    """hydra/launcher=slurm with tasks_per_node=2: both SLURM tasks of the point join one process group (ranks
+    from SLURM's variables) and train it data-parallel; rank 0 alone writes the run directory."""
+    sweep = tmp_path / "multirun"
+    rlhf_lab("-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
+             "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}", *TINY,
+             f"output_root={tmp_path}", f"cache_dir={array_study['dir'].parent / 'cache'}", "train.device=cpu",
+             "algo.beta=0.1", env=slurm_cluster.env, timeout=WAIT_S)
+    run = sweep / "0"
+    assert (run / "_COMPLETE").is_file(), "the point did not complete"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2

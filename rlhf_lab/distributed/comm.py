@@ -39,8 +39,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def adopt_submitit_env() -> None:
+    """Hydra's slurm launcher (submitit) with tasks_per_node > 1 runs the app once per SLURM task without setting
+    torch's variables: take RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the job (submitit's
+    own helper: the first node of the allocation, a port derived from the job id)."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_process_group(device_type: str) -> None:
     """Create the default process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    adopt_submitit_env()
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
