@@ -44,7 +44,8 @@ def stage_seconds(outputs: list[stages.StageOutput]) -> dict[str, float]:
 def stage_training(cfg: RunConfig) -> stages.StageTraining:
     """How this run's SFT / reward-model stages train: its optim group, precision and strategy."""
     return stages.StageTraining(cfg.optim, cfg.train.precision,
-                                lambda accum, clip, micro: trainer_strategy(cfg, accum, clip, micro))
+                                lambda accum, clip, micro: trainer_strategy(cfg, accum, clip, micro),
+                                cfg.train.checkpoint_every)
 
 
 def sft_or_base(cfg: RunConfig, task, used: list) -> tuple[Path, str]:

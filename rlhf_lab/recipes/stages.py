@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,6 +91,18 @@ def _build_on_ranks(build: Callable[[Path], None], tmp: Path, run: bool) -> None
         raise RuntimeError(f"building the stage failed on rank {failed[0][0]}: {failed[0][1]}")
 
 
+def stage_checkpoints(cache_dir: Path, stage: str, key_obj: dict) -> Path:
+    """Where a training stage keeps its checkpoints while it builds: beside the stage, outside its temporary
+    directory (which a failed build removes), so a killed or preempted build resumes where it stopped."""
+    return Path(cache_dir) / stage / f".{stable_hash(key_obj)}.checkpoints"
+
+
+def drop_stage_checkpoints(stage: StageOutput, cache_dir: Path) -> StageOutput:
+    if comm.is_main():
+        shutil.rmtree(Path(cache_dir) / stage.name / f".{stage.key}.checkpoints", ignore_errors=True)
+    return stage
+
+
 # ---------------------------------------------------------------------------------------------------- task
 def build_task(task_cfg: TaskConfig, gold_name: str, cache_dir: Path):
     """The embedded IMDb task (tokenizer, splits, prompts, gold reward); cached by the task module itself (which
@@ -120,6 +133,7 @@ class StageTraining:
     optim: OptimConfig                  # optimizer name and betas (lr, weight decay, warm-up: the stage's group)
     precision: str                      # train.precision: the same autocast as the run
     strategy_factory: Callable[..., object]  # (grad_accum, max_grad_norm, micro_batch_size) -> Strategy
+    checkpoint_every: int = 50          # steps between the stage's own checkpoints (a killed build resumes)
 
     def key(self, max_grad_norm: float | None) -> dict:
         return {"optim": self.optim.name, "betas": list(self.optim.betas), "precision": self.precision,
@@ -145,12 +159,14 @@ def sft_stage(cache_dir: Path, task, task_key: str, model_cfg: ModelConfig, sft_
         strategy = training.strategy_factory(1, training.optim.max_grad_norm, micro)
         history = []
         loss = train_sft(model, tokenizer, task.train_texts, sft_cfg, strategy, seed, training.optim,
-                         log_fn=lambda m, s: history.append({"step": s, **m}))
+                         log_fn=lambda m, s: history.append({"step": s, **m}),
+                         checkpoint_dir=stage_checkpoints(cache_dir, "sft", key),
+                         checkpoint_every=training.checkpoint_every, config_hash=stable_hash(key))
         strategy.save_hf(out, tokenizer)
         if comm.is_main():
             (out / "sft_history.json").write_text(json.dumps({"final_loss": loss, "history": history}, indent=2))
 
-    return cached_stage(cache_dir, "sft", key, build, collective=True)
+    return drop_stage_checkpoints(cached_stage(cache_dir, "sft", key, build, collective=True), cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- prefs
@@ -240,13 +256,16 @@ def reward_model_stage(cache_dir: Path, sft_key: str, sft_dir: Path, prefs_key: 
                                              micro_batch_for(rm_cfg.batch_size, 1, "reward_model.batch_size"))
         model = build_scalar_model(sft_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
         metrics = train_reward_model(model, tokenizer, train_pairs, eval_pairs, rm_cfg, strategy, seed, margins,
-                                     optim=training.optim)
+                                     optim=training.optim,
+                                     checkpoint_dir=stage_checkpoints(cache_dir, "reward_model", key),
+                                     checkpoint_every=training.checkpoint_every, config_hash=stable_hash(key))
         with strategy.generation() as reward_model:   # full parameters on every rank (ZeRO-3 gathers them)
             _finish_reward_model(out, reward_model.eval(), tokenizer, train_pairs, rm_cfg, trunc, seed, device,
                                  sft_dir, {**metrics, "total_pairs": len(tokenized),
                                            "parse_report": report.summary(), "tokenize_report": tok_report.summary()})
 
-    return cached_stage(cache_dir, "reward_model", key, build, collective=True)
+    return drop_stage_checkpoints(cached_stage(cache_dir, "reward_model", key, build, collective=True),
+                                  cache_dir)
 
 
 def _finish_reward_model(out: Path, reward_model, tokenizer, train_pairs, rm_cfg, trunc: TruncationConfig, seed: int,

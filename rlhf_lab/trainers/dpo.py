@@ -105,6 +105,7 @@ class DPOTrainer:
                 self.checkpoints.save(step, {"batches": self.batches.state_dict()}, {"data": self.generator})
             if stopping:
                 stop.stop(step, self.checkpoints.root)
+        stop.close()
         return last
 
     def resume(self) -> int:

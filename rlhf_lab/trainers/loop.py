@@ -159,6 +159,16 @@ def evaluate_and_record(step: int, strategy, policy, reference, tokenizer, promp
 KILL_AFTER_CHECKPOINT_ENV = "RLHF_LAB_KILL_AFTER_CHECKPOINT"
 
 
+def _kill_requested(checkpoint: Path) -> bool:
+    """RLHF_LAB_KILL_AFTER_CHECKPOINT=STEP or TEXT:STEP (TEXT in the checkpoint's path, e.g. reward_model:5):
+    the resume tests' way to SIGKILL a run at a known moment."""
+    spec = os.environ.get(KILL_AFTER_CHECKPOINT_ENV)
+    if not spec:
+        return False
+    text, _, step = spec.rpartition(":")
+    return checkpoint.name == f"step-{int(step):06d}" and text in str(checkpoint)
+
+
 class Checkpointer:
     """Collective, atomic checkpoints in `<run_dir>/checkpoints/step-NNNNNN/`:
 
@@ -198,7 +208,7 @@ class Checkpointer:
             for old in complete_checkpoints(self.root)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         comm.barrier()
-        if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step) and comm.is_main():
+        if _kill_requested(final) and comm.is_main():
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection (resume tests): preempted right after this save
         return final
 
@@ -233,14 +243,58 @@ def _describe(layout: dict | None) -> str:
     return f"{first['world_size']} process(es), {stage}"
 
 
+class ResumableLoop:
+    """Checkpoints every `every` steps, resume from the newest, and stop on SIGTERM / SIGUSR1, for the plain
+    step loops of the SFT and reward-model stages (their checkpoints live beside the stage, outside its
+    temporary build directory, so a killed build resumes; the stage removes them once it is published).
+
+        start, extras = loop.start()              # 0, {} on a fresh start
+        for step in range(start + 1, steps + 1):
+            ...
+            loop.after_step(step, extras)         # checkpoint when due or asked to stop; raises PreemptedError
+    """
+
+    def __init__(self, directory: Path | None, strategy, config_hash: str, every: int,
+                 generators: dict[str, torch.Generator], batches: GlobalBatches):
+        self.every, self.generators, self.batches = every, generators, batches
+        self.checkpoints = None if directory is None else Checkpointer(directory, {"model": strategy}, config_hash)
+        self.stop = StopRequest() if directory is not None else None
+
+    def start(self) -> tuple[int, dict]:
+        path = None if self.checkpoints is None else self.checkpoints.latest()
+        if path is None:
+            return 0, {}
+        state = self.checkpoints.load(path, self.generators)
+        self.batches.load_state_dict(state["batches"])
+        return int(path.name.split("-")[1]), state["extras"]
+
+    def close(self) -> None:
+        if self.stop is not None:
+            self.stop.close()
+
+    def after_step(self, step: int, extras: dict) -> None:
+        if self.checkpoints is None:
+            return
+        stopping = self.stop.agreed()
+        if stopping or step % self.every == 0:
+            state = {"batches": self.batches.state_dict(), "extras": extras}
+            self.checkpoints.save(step, state, self.generators)
+        if stopping:
+            self.stop.stop(step, self.checkpoints.root)
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask for a checkpoint at the end
     of the current step; ranks agree, since the signal may reach only some of them."""
 
     def __init__(self):
         self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request)
+        self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self) -> None:
+        """Hand the signals back (a later phase of the same process installs its own, or dies by default)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _request(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -250,5 +304,6 @@ class StopRequest:
         return comm.any_rank(self.signal_name is not None)
 
     def stop(self, step: int, where: Path) -> None:
+        self.close()
         raise PreemptedError(f"received {self.signal_name or 'a stop request on another rank'}: checkpointed at "
                              f"step {step} in {where}; rerun the same command to resume")

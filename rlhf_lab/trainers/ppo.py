@@ -100,6 +100,7 @@ class PPOTrainer:
                 self.checkpoints.save(self.step, self.state_dict(), self.generators)
             if stopping:
                 stop.stop(self.step, self.checkpoints.root)
+        stop.close()
         return last
 
     def _next_prompts(self) -> PromptSet:

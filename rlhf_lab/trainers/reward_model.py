@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ from rlhf_lab.config import OptimConfig, RewardModelConfig
 from rlhf_lab.data.batches import SequenceBatch, TokenizedPair
 from rlhf_lab.data.collate import batches, collate_pairs
 from rlhf_lab.models.heads import sequence_scores
-from rlhf_lab.trainers.loop import GlobalBatches, accumulate, build_trained, micro_batch_for, rank_share
+from rlhf_lab.trainers.loop import (GlobalBatches, ResumableLoop, accumulate, build_trained, micro_batch_for,
+                                    rank_share)
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +57,63 @@ def validate_reward_config(cfg: RewardModelConfig) -> None:
 # ---------------------------------------------------------------------------------------------------- training
 def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair],
                        cfg: RewardModelConfig, strategy, seed: int, margins: dict[int, float] | None = None,
-                       log_fn: Callable[[dict, int], None] | None = None, optim: OptimConfig | None = None) -> dict:
+                       log_fn: Callable[[dict, int], None] | None = None, optim: OptimConfig | None = None,
+                       checkpoint_dir: Path | None = None, checkpoint_every: int = 50, config_hash: str = "") -> dict:
     """Train `model` (a scalar model from `models.heads`) in place for cfg.steps optimizer steps; return metrics.
 
     margins: pair index (TokenizedPair.index) -> required reward gap; used only when cfg.use_margin (a warning is
     logged when use_margin is set but no margins were given). Each optimizer step sees cfg.batch_size pairs over
     all ranks, each rank strategy.grad_accum micro-batches of its share. The strategy's clipping is set to
-    cfg.max_grad_norm; the optimizer is optim.name (default AdamW) with reward_model.lr / weight_decay.
+    cfg.max_grad_norm; the optimizer is optim.name (default AdamW) with reward_model.lr / weight_decay. With
+    `checkpoint_dir`, checkpoints every `checkpoint_every` steps (and on SIGTERM/SIGUSR1) and resumes.
     Returned keys: train_loss/train_batch_accuracy (last step), eval_accuracy/eval_loss (held-out, before:
     initial_eval_*), train_accuracy (subset of ≤ TRAIN_ACCURACY_MAX_PAIRS train pairs), steps, train_pairs,
     eval_pairs, seconds, history (logged steps).
     """
+    margins = _checked_margins(cfg, strategy.grad_accum, train_pairs, margins)
+    pad_id, device = tokenizer.pad_token_id, strategy.device
+    strategy.max_grad_norm = cfg.max_grad_norm
+    model = build_trained(strategy, model, optim or OptimConfig(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          warmup_steps=cfg.warmup_steps)
+
+    def evaluate(pairs):
+        with strategy.autocast(), strategy.generation(model) as module:
+            return evaluate_reward_model(module, pairs, pad_id, device=device)
+
+    def loss_fn(items):
+        loss, stats = pair_loss(model, items, pad_id, device, margins, cfg.center_rewards_coefficient)
+        return loss, {"rm/loss": loss.item(), **{f"rm/{k}": float(v) for k, v in stats.items()}}
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = GlobalBatches(list(train_pairs), cfg.batch_size, generator)
+    loop = ResumableLoop(checkpoint_dir, strategy, config_hash, checkpoint_every, {"data": generator}, batches)
+    start, extras = loop.start()
+    if not extras:
+        extras = {"initial": evaluate(eval_pairs) if eval_pairs else {}, "history": [], "last": {}}
+    started = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        model.train()
+        extras["last"] = totals = accumulate(strategy, rank_share(batches.next(), strategy.grad_accum), loss_fn, "rm")
+        if step % LOG_EVERY == 0 or step == cfg.steps:
+            totals["rm/pairs_per_s"] = (step - start) * cfg.batch_size / (time.perf_counter() - started)
+            extras["history"].append({"step": step, **totals})
+            log.info("rm step %d/%d: loss %.4f, batch accuracy %.3f", step, cfg.steps, totals["rm/loss"],
+                     totals["rm/accuracy"])
+            if log_fn is not None:
+                log_fn(dict(totals), step)
+        loop.after_step(step, extras)
+    loop.close()
+    model.eval()
+    metrics = _final_metrics(evaluate, train_pairs, eval_pairs, cfg, seed, extras, margins is not None,
+                             time.perf_counter() - started, strategy.describe()["world_size"])
+    if log_fn is not None:
+        log_fn({f"rm/{k}": v for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}, cfg.steps)
+    return metrics
+
+
+def _checked_margins(cfg: RewardModelConfig, accum: int, train_pairs, margins):
     validate_reward_config(cfg)
-    accum = strategy.grad_accum
     micro_batch_for(cfg.batch_size, accum, "reward_model.batch_size")  # checks the division
     if len(train_pairs) < cfg.batch_size:
         raise ValueError(f"only {len(train_pairs)} training pairs for a batch of {cfg.batch_size} pairs")
@@ -78,57 +124,27 @@ def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_
         missing = [p.index for p in train_pairs if p.index not in margins]
         if missing:
             raise ValueError(f"no margin for {len(missing)} training pairs (e.g. rows {missing[:5]})")
+    return margins
 
-    pad_id = tokenizer.pad_token_id
-    strategy.max_grad_norm = cfg.max_grad_norm
-    model = build_trained(strategy, model, optim or OptimConfig(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          warmup_steps=cfg.warmup_steps)
-    device = strategy.device
 
-    def evaluate(pairs):
-        with strategy.autocast(), strategy.generation(model) as module:
-            return evaluate_reward_model(module, pairs, pad_id, device=device)
-
-    def loss_fn(items):
-        loss, stats = pair_loss(model, items, pad_id, device, margins, cfg.center_rewards_coefficient)
-        return loss, {"rm/loss": loss.item(), **{f"rm/{k}": float(v) for k, v in stats.items()}}
-
-    initial = evaluate(eval_pairs) if eval_pairs else {}
-    batches = GlobalBatches(list(train_pairs), cfg.batch_size, torch.Generator().manual_seed(seed))
-    history, last, started = [], {}, time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        model.train()
-        totals = accumulate(strategy, rank_share(batches.next(), accum), loss_fn, "rm")
-        last = totals
-        if step % LOG_EVERY == 0 or step == cfg.steps:
-            totals["rm/pairs_per_s"] = step * cfg.batch_size / (time.perf_counter() - started)
-            history.append({"step": step, **totals})
-            log.info("rm step %d/%d: loss %.4f, batch accuracy %.3f", step, cfg.steps, totals["rm/loss"],
-                     totals["rm/accuracy"])
-            if log_fn is not None:
-                log_fn(dict(totals), step)
-    seconds = time.perf_counter() - started
-    model.eval()
-
+def _final_metrics(evaluate, train_pairs, eval_pairs, cfg: RewardModelConfig, seed: int, extras: dict,
+                   margin_used: bool, seconds: float, world_size: int) -> dict:
     final = evaluate(eval_pairs) if eval_pairs else {}
     order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     train_subset = [train_pairs[i] for i in sorted(order[:TRAIN_ACCURACY_MAX_PAIRS])]
     train_eval = evaluate(train_subset)
-    metrics = {
+    initial, last = extras["initial"], extras["last"]
+    log.info("reward model: held-out accuracy %s (was %s), train accuracy %.3f", _fmt(final.get("accuracy")),
+             _fmt(initial.get("accuracy")), train_eval["accuracy"])
+    return {
         "steps": cfg.steps, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "seconds": seconds,
-        "train_loss": last["rm/loss"], "train_batch_accuracy": last["rm/accuracy"],
+        "train_loss": last.get("rm/loss"), "train_batch_accuracy": last.get("rm/accuracy"),
         "train_accuracy": train_eval["accuracy"], "train_accuracy_pairs": len(train_subset),
         "eval_accuracy": final.get("accuracy"), "eval_loss": final.get("loss"),
         "eval_margin": final.get("margin"),
         "initial_eval_accuracy": initial.get("accuracy"), "initial_eval_loss": initial.get("loss"),
-        "margin_used": margins is not None, "history": history, "world_size": strategy.describe()["world_size"],
+        "margin_used": margin_used, "history": extras["history"], "world_size": world_size,
     }
-    if log_fn is not None:
-        log_fn({f"rm/{k}": v for k, v in metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}, cfg.steps)
-    log.info("reward model: held-out accuracy %s (was %s), train accuracy %.3f", _fmt(final.get("accuracy")),
-             _fmt(initial.get("accuracy")), train_eval["accuracy"])
-    return metrics
 
 
 def pair_loss(model, items: Sequence[TokenizedPair], pad_id: int, device, margins: dict[int, float] | None,
