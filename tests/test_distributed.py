@@ -106,10 +106,14 @@ def test_sft_and_reward_model_on_two_ranks_equal_one_process(workspace, stages_t
     assert (info[0]["world_size"], info[1]["world_size"]) == (1, 2)
 
 
-def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two_ranks):
-    run_torchrun(args(workspace, "ppo-z3", *PPO, "strategy=zero3", "strategy.frozen_offload_param=true",
-                      cache="cache2"), workspace)
-    ddp, zero3 = train_metrics(workspace / "ppo-ddp"), train_metrics(workspace / "ppo-z3")
+@pytest.mark.parametrize("generation", ["gather", "synced"])
+def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two_ranks, generation):
+    """gather: the actor's parameters gathered once per rollout; synced: collective forwards, the ranks stepping
+    until every rank's samples have ended (they end at different lengths on different ranks)."""
+    run = f"ppo-z3-{generation}"
+    run_torchrun(args(workspace, run, *PPO, "strategy=zero3", "strategy.frozen_offload_param=true",
+                      f"strategy.generation={generation}", cache="cache2"), workspace)
+    ddp, zero3 = train_metrics(workspace / "ppo-ddp"), train_metrics(workspace / run)
     assert_metrics_close(zero3, ddp, 1e-4, 1e-5, {**LOOSE, "loss/value_avg": 1e-3, "val/ratio_var": 1e-2})
     lengths = [m["val/response_length"] for m in zero3 if "val/response_length" in m]
     assert lengths and all(0 < x <= 10 for x in lengths)

@@ -4,7 +4,9 @@ with tied embeddings. Rank 0 writes the checks' results as JSON to argv[2]; any 
   1. partitioning at deepspeed.initialize keeps the file's weights exactly (gathered == loaded);
   2. after a training step, save_hf → from_pretrained gives torch.equal weights (tied lm_head included) and equal
      logits to the gathered engine;
-  3. an EMA update through strategy.modify lands in the partitioned reference (modifier_rank=0).
+  3. an EMA update through strategy.modify lands in the partitioned reference (modifier_rank=0);
+  4. sampling with collective (not gathered) ZeRO-3 forwards does not hang when one rank's samples end after
+     one token and the other's run to the length limit, and draws what the gathered model draws.
 """
 from __future__ import annotations
 
@@ -26,6 +28,21 @@ from rlhf_lab.trainers.loop import build_trained
 def gathered(model) -> dict[str, torch.Tensor]:
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def synced_sampling_matches_gathered(engine, strategy) -> bool:
+    from rlhf_lab.models.sampling import sample_completions
+
+    prompts = [[5, 6, 7], [8, 9]]
+    with strategy.generation() as full:  # greedy first token of rank 0's prompts: its samples end right there
+        first = full(input_ids=torch.tensor([prompts[0]])).logits[0, -1].argmax().item()
+    eos = first if comm.rank() == 0 else 63 if first != 63 else 62
+    kwargs = dict(eos_id=eos, pad_id=0, max_new_tokens=6, temperature=0.0)
+    with strategy.generation() as full:
+        gathered_seqs = sample_completions(full, prompts, **kwargs)
+    synced = sample_completions(engine, prompts, sync_finish=True, **kwargs)  # collective forwards
+    lengths = comm.all_gather_object(synced.completion_lengths.tolist())
+    return bool(torch.equal(synced.input_ids, gathered_seqs.input_ids)) and lengths[0][0] == 1 and lengths[1][0] > 1
 
 
 def main(workdir: Path, result_path: Path) -> None:
@@ -67,6 +84,7 @@ def main(workdir: Path, result_path: Path) -> None:
     key = "transformer.h.0.mlp.c_fc.weight"
     results["ema_landed"] = bool(torch.allclose(after[key], 0.5 * before[key] + 0.5 * trained[key], atol=1e-7)
                                  and not torch.equal(after[key], before[key]))
+    results["synced_sampling"] = synced_sampling_matches_gathered(engine, strategy)
     if comm.is_main():
         result_path.write_text(json.dumps(results))
     comm.barrier()
