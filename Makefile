@@ -12,7 +12,7 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STUDY_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: setup study test bench clean-outputs
+.PHONY: setup study test bench gpu-check clean-outputs
 
 # Debian packages the tests drive for real: a single-node SLURM cluster (slurm-wlm, munge) and a headless browser
 # (chromium). Installed once (stamp) and only what is missing; without root or apt-get the install is skipped
@@ -61,6 +61,12 @@ test: $(STAMP) $(SYS_STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q $(PIP_CONSTRAINT_ARGS) -e '.[bench]'
 	$(BIN)/python benchmarks/dpo_throughput.py
+
+# On a machine with GPUs (keep its CUDA torch: `make TORCH_PIN= VENV_FLAGS=--system-site-packages gpu-check`): the
+# gpu-marked tests, ZeRO-3 DPO and PPO across every visible GPU, peak GPU memory against `rlhf-lab plan`
+# -> benchmarks/results/gpu_check.json
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean-outputs:
 	rm -rf outputs

@@ -144,7 +144,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
         logger.close()
     summary = {"run_id": identity.run_id, "method": identity.method, "seconds": time.time() - started,
                "resumed_from_step": resume_step, "world_size": comm.world_size(),
-               "strategy": to_container(cfg)["strategy"], "peak_rss_mib": peak_rss_mib(), **details}
+               "strategy": to_container(cfg)["strategy"], **peak_memory(), **details}
     if comm.is_main():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         (run_dir / COMPLETE_MARKER).write_text("ok\n")
@@ -157,6 +157,20 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory() -> dict:
+    """Peak resident memory (and peak GPU allocation on CUDA) of every rank, and the largest."""
+    rss, gpu = comm.all_gather_object(peak_rss_mib()), comm.all_gather_object(peak_gpu_mib())
+    out = {"peak_rss_mib": max(rss), "peak_rss_mib_per_rank": rss}
+    if gpu[0] is not None:
+        out.update({"peak_gpu_mib": max(gpu), "peak_gpu_mib_per_rank": gpu})
+    return out
+
+
+def peak_gpu_mib() -> float | None:
+    """Peak memory torch allocated on this process's GPU (None on CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def _prepare_run_dir(run_dir: Path, resumable: bool) -> int | None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from rlhf_lab.cli import CONF_DIR
 from rlhf_lab.config import PPOConfig, RunConfig, to_container, validate_run_config
 from rlhf_lab.distributed import comm
 from rlhf_lab.study import record
+from rlhf_lab.study.points import PointLauncher, SweepPoint, run_points
 from rlhf_lab.trainers.errors import PreemptedError
 from rlhf_lab.utils.cache import atomic_write_text, stable_hash
 from rlhf_lab.utils.errors import ConfigError
@@ -43,14 +42,6 @@ PHASES = ("all", "list", "stages", "point", "aggregate")
 STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher", "sbatch")
 STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges", "resources")
 RESOURCE_KEYS = {"processes": 1, "nodes": 1, "gpus_per_node": 0, "cpus_per_process": 1}
-
-
-@dataclass
-class SweepPoint:
-    arm: str
-    run_id: str
-    overrides: list[str]
-    index: int = 0               # position in the study's point list (= SLURM array task id)
 
 
 def study_resources(spec: dict, path: str = "study file") -> dict[str, int]:
@@ -209,141 +200,6 @@ def fail_points_without_stages(points, configs, study_dir: Path, errors: dict[st
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "error.txt", f"a shared stage this run needs failed:\n{error}")
     return runnable
-
-
-# ------------------------------------------------------------------------------------------------ point phase
-def run_point(point: SweepPoint, study_dir: Path, cfg: RunConfig | None = None) -> float:
-    """Train and evaluate one sweep point into `<study>/runs/<run_id>`; a failure is written to error.txt and
-    re-raised. Returns the run's wall time."""
-    from rlhf_lab.recipes.run import run_alignment
-
-    cfg = cfg or compose_run_config(point.overrides)
-    run_dir = study_dir / "runs" / point.run_id
-    started = time.time()
-    try:
-        summary = run_alignment(cfg, run_dir)
-    except PreemptedError:  # the job was asked to stop: the run checkpointed; nothing failed
-        raise
-    except Exception:
-        if comm.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "error.txt", traceback.format_exc())
-        raise
-    seconds = float(summary.get("seconds", time.time() - started))
-    if comm.is_main():
-        record.record_study(study_dir, run_seconds={point.run_id: round(seconds, 1)})
-    return seconds
-
-
-@dataclass
-class PointLauncher:
-    """How the local runner starts a sweep point: in this process, or — when the study's resources ask for more
-    than one process — as that many ranks under torchrun, each running `rlhf-lab study ... phase=point index=I`
-    (what each srun task runs on SLURM)."""
-
-    study: str                       # the study name or path as the user gave it
-    overrides: tuple[str, ...]       # command-line overrides applied to every run
-    processes: int = 1
-    threads: int = 1                 # torch threads per process
-
-    def run(self, point: SweepPoint, study_dir: Path, cfg: RunConfig | None = None) -> float:
-        if self.processes == 1 or comm.world_size() > 1:
-            return run_point(point, study_dir, cfg)
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                   str(self.processes), "-m", "rlhf_lab.cli", "study", f"study={self.study}", "phase=point",
-                   f"index={point.index}", *self.overrides]
-        started = time.time()
-        code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(self.threads)}).returncode
-        if code != 0:
-            raise RuntimeError(f"point {point.run_id} on {self.processes} processes exited with code {code} "
-                               f"(details in {study_dir / 'runs' / point.run_id / 'error.txt'})")
-        return time.time() - started
-
-
-def _point_in_worker(point: SweepPoint, study_dir: Path, launcher: PointLauncher) -> tuple[str, str | None]:
-    """Process-pool entry: one point with the launcher's torch threads; returns (run_id, error or None)."""
-    import torch
-
-    from rlhf_lab.cli import quiet_libraries
-
-    quiet_libraries()
-    torch.set_num_threads(launcher.threads)
-    _log_lines_as(point.run_id)
-    try:
-        launcher.run(point, study_dir)
-        return point.run_id, None
-    except PreemptedError as e:  # asked to stop: the run checkpointed and resumes on the next study run
-        return point.run_id, f"stopped: {e}"
-    except Exception as e:  # noqa: BLE001 — reported by the parent, details in error.txt
-        return point.run_id, f"{type(e).__name__}: {e}"
-
-
-def _log_lines_as(run_id: str) -> None:
-    """Prefix this worker's log lines with the point it runs now (a worker runs several points in turn)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO)
-    for handler in root.handlers:
-        handler.setFormatter(logging.Formatter(f"[%(asctime)s {run_id}] %(message)s", datefmt="%H:%M:%S"))
-
-
-def _die_with_parent() -> None:
-    """Pool initializer: on Linux a worker gets SIGTERM when the study process dies (killed, job cancelled), instead
-    of training on as an orphan; a PPO run then checkpoints and stops."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Path, jobs: int,
-               launcher: PointLauncher) -> list[str]:
-    """Every sweep point, `jobs` at a time (separate processes splitting the cores); returns the failed run ids."""
-    started, failures = time.time(), []
-    launcher.threads = max(1, (os.cpu_count() or 1) // (jobs * launcher.processes))
-    if jobs == 1:
-        for point, cfg in zip(points, configs):
-            log.info("=== %s", point.run_id)
-            try:
-                launcher.run(point, study_dir, cfg)
-            except PreemptedError:
-                raise
-            except Exception as e:  # one failed point must not stop the others
-                failures.append(point.run_id)
-                log.error("run %s failed: %s (details in %s)", point.run_id, e,
-                          study_dir / "runs" / point.run_id / "error.txt")
-    else:
-        # longest first (PPO's four models cost more per step than DPO's two): a shorter tail when jobs > 1
-        longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, PPOConfig))
-        failures = _run_pool([p for p, _ in longest_first], study_dir, jobs, launcher)
-    record.record_study(study_dir, phase_seconds={"runs": round(time.time() - started, 1)})
-    return failures
-
-
-def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int, launcher: PointLauncher) -> list[str]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    log.info("running %d points, %d at a time with %d process(es) of %d torch thread(s) each", len(points), jobs,
-             launcher.processes, launcher.threads)
-    failures = []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent) as pool:
-        futures = {pool.submit(_point_in_worker, p, study_dir, launcher): p for p in points}
-        for future in as_completed(futures):
-            point = futures[future]
-            try:
-                run_id, error = future.result()
-            except BrokenProcessPool as e:  # a worker was killed (e.g. out of memory): the point failed
-                run_id, error = point.run_id, f"worker process died: {e}"
-            if error:
-                failures.append(run_id)
-                log.error("run %s failed: %s", run_id, error)
-            else:
-                log.info("run %s done", run_id)
-    return failures
 
 
 # ------------------------------------------------------------------------------------------------ entry point
