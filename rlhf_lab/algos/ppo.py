@@ -3,7 +3,7 @@
 References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (per-token KL penalty,
 adaptive KL controller, reward normalisation), Huang et al. 2024 ("The N implementation details of RLHF with PPO"),
 Xu et al. 2024 ("Is DPO superior to PPO?", EMA reference) and TRL's ``PPOTrainer`` (TRL <= 0.28, the last release
-with it; its code is the reference for every number here). See REFERENCE.md, "PPO for language models".
+with it; its code is the reference for every number here). See Huang et al. 2024, "The N+ implementation details of RLHF with PPO".
 
 Shapes and masks
 ----------------
@@ -189,7 +189,7 @@ def token_rewards(scores: Tensor, kl: Tensor, kl_coef: float | Tensor, mask: Ten
 
     The score goes to the last real token, index ``mask.sum(-1) - 1`` for right-padded rows (computed as the
     largest index with mask 1). TRL's PPOTrainer adds it one position later (``sequence_lengths + 1`` when that
-    is < T), a known quirk; we follow the paper and REFERENCE.md. A row with no real token gets no score
+    is < T), a known quirk; we follow the paper. A row with no real token gets no score
     (its rewards are all 0 and every masked loss ignores it).
     """
     kl_coef_t = torch.as_tensor(kl_coef, dtype=kl.dtype, device=kl.device)

@@ -33,7 +33,7 @@ Usage::
     out.losses.mean().backward()
     log(preference_metrics(out, logps))
 
-Where TRL 1.16 departs from older TRL / REFERENCE.md the code follows TRL 1.16 and says so in a comment (search for
+Where TRL 1.16 departs from older TRL releases the code follows TRL 1.16 and says so in a comment (search for
 "TRL 1.16").
 """
 

@@ -1,7 +1,7 @@
 """Reward-model maths, as pure torch functions: the Bradley-Terry loss and reward post-processing for PPO.
 
 References: Bradley & Terry 1952; Ouyang et al. 2022, eq. 1 (pairwise RM loss); TRL 1.16 ``RewardTrainer``
-(margin, ``center_rewards_coefficient``, logged accuracy/margin); Ziegler et al. 2019 and REFERENCE.md
+(margin, ``center_rewards_coefficient``, logged accuracy/margin); Ziegler et al. 2019
 "PPO for language models", detail 6 (normalise the reward so SFT samples score mean 0, std 1).
 
 Shapes: ``B`` = number of preference pairs (loss) or of scored responses (post-processing); all inputs ``(B,)``.

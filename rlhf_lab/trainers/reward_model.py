@@ -1,6 +1,6 @@
 """Reward-model training (Bradley–Terry on preference pairs) and reward normalisation for PPO.
 
-Loss (REFERENCE.md, "Bradley–Terry RM"; TRL RewardTrainer): `-logσ(r_c − r_r − margin) + c·mean((r_c + r_r)²)`,
+Loss (Bradley & Terry 1952; Ouyang et al. 2022; TRL 1.16 RewardTrainer): `-logσ(r_c − r_r − margin) + c·mean((r_c + r_r)²)`,
 from `rlhf_lab.algos.reward.bradley_terry_loss`. Each micro-batch is ONE forward pass over 2B rows built by
 `collate_pairs` (rows [0, B) chosen, [B, 2B) rejected); the reward is read at each row's last real token
 (`models.heads.sequence_scores`). Accuracy = mean(r_c > r_r), ties counting as wrong (as in the loss's stats).
