@@ -13,7 +13,7 @@ synthetic pairs) and the initial weights (built once with a seed, saved, loaded 
 Contestants:
   rlhf_lab        rlhf_lab.trainers.dpo.DPOTrainer._optimizer_step (the body of its training loop, minus evaluation).
                   The reference log-probs come from a table built ONCE before timing by the real
-                  `study.stages.reference_logps_stage`: in rlhf_lab that table is cached per (reference, dataset,
+                  `recipes.stages.reference_logps_stage`: in rlhf_lab that table is cached per (reference, dataset,
                   tokenisation) and shared by every run of a β sweep, so a training step never runs the reference.
                   Its one-off cost (s, and pairs/s over the dataset) is reported separately.
   rlhf_lab_compiled  the same with train.compile=true: torch.compile on the training forward, batches padded to
@@ -134,9 +134,9 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     from rlhf_lab.data.tokenize import TruncationConfig, tokenize_pairs
     from rlhf_lab.distributed.strategy import TorchStrategy
     from rlhf_lab.eval.points import PointsWriter, RunIdentity
-    from rlhf_lab.models.build import frozen_copy, load_causal_lm, load_tokenizer
-    from rlhf_lab.study import stages
-    from rlhf_lab.study.pipeline import seed_everything
+    from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
+    from rlhf_lab.recipes import stages
+    from rlhf_lab.recipes.run import seed_everything
     from rlhf_lab.tracking.logger import RunLogger
     from rlhf_lab.trainers.dpo import DPOInputs, DPOTrainer
 
@@ -154,7 +154,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     # The reference table: built once per dataset by the real stage (fp32, batch 64), shared by a whole sweep.
     ref_stage, table = stages.reference_logps_stage(work / "cache", "bench", root, "bench", tokenized, len(pairs),
                                                     tok.pad_token_id, trunc, torch.device("cpu"))
-    reference = frozen_copy(load_causal_lm(root))
+    reference = freeze(load_causal_lm(root))
     seed_everything(SEED)
     policy = load_causal_lm(root)
     strategy = TorchStrategy("cpu", args.precision, 1, 10.0)
@@ -166,13 +166,12 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
                          TrainConfig(batch_size=PAIRS_PER_STEP, micro_batch_size=PAIRS_PER_STEP,
                                      precision=args.precision, compile=args.child == "rlhf_lab_compiled"),
                          EvalConfig(), strategy, logger, points, SEED)
-    stream = trainer._micro_batch_stream()
     times = []
     reset_peak_rss()
     for step in range(1, args.warmup + args.steps + 1):  # DPOTrainer.train()'s loop body, without evaluation
         t = time.perf_counter()
         trainer.policy.train()
-        metrics = trainer._optimizer_step(stream)
+        metrics = trainer.train_step()
         trainer.logger.log(metrics, step)
         times.append(time.perf_counter() - t)
         save_progress(args, times)

@@ -24,8 +24,8 @@ Contestants:
   rlhf_lab  rlhf_lab.trainers.ppo.PPOTrainer.train() itself (the real loop: next prompts → roll_out → KL-shaped
             rewards + GAE → optimise → KL controller → rollout metrics), with its evaluation and checkpointing
             replaced by no-ops on the instance. The four roles come from the real builder
-            `study.run_ppo.build_ppo_models` (critic_init=reward_model, learned reward without normalisation) and
-            the optimisers from `study.run_ppo._setup` (two AdamW, one per trained role; strategies
+            `recipes.ppo.build_ppo_models` (critic_init=reward_model, learned reward without normalisation) and
+            the optimisers from `recipes.ppo.place_ppo_models` (two AdamW from the `optim` group, one per trained role; strategies
             TorchStrategy("cpu", "fp32", 1, 1.0): grad-norm clipping at 1.0, rlhf_lab's default).
   trl112    TRL 1.12 PPOTrainer.train() as shipped (its own loop; one AdamW over policy + value head, TRL's default
             `optim`; no grad clipping in its loop), with per_device_train_batch_size=32, num_mini_batches=1,
@@ -158,8 +158,8 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     from rlhf_lab.data.tokenize import encode_prompt
     from rlhf_lab.distributed.strategy import TorchStrategy
     from rlhf_lab.models.build import load_tokenizer
-    from rlhf_lab.study.pipeline import seed_everything
-    from rlhf_lab.study.run_ppo import _setup, build_ppo_models
+    from rlhf_lab.recipes.ppo import build_ppo_models, place_ppo_models
+    from rlhf_lab.recipes.run import seed_everything
     from rlhf_lab.trainers.ppo import PPOTrainer, PromptSet
 
     class StepClock:
@@ -177,22 +177,21 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     algo = PPOConfig(rollout_batch_size=ROLLOUT_BATCH, micro_batch_size=ROLLOUT_BATCH, num_mini_batches=MINI_BATCHES,
                      ppo_epochs=PPO_EPOCHS, response_length=RESPONSE_LEN, temperature=TEMPERATURE, kl_coef=KL_COEF,
                      actor_lr=LR, critic_lr=LR, critic_init="reward_model", reward="learned",
-                     normalize_reward=False, missing_eos_penalty=None, checkpoint_every=10**9)
+                     normalize_reward=False, missing_eos_penalty=None)
     cfg = RunConfig(algo=algo, seed=SEED)
     tok = load_tokenizer(root)
     texts = load_prompts(root)
     prompts = PromptSet([encode_prompt(tok, t) for t in texts], texts)
     check_prompt_ids(prompts.ids, "rlhf_lab")
     actor_s, critic_s = (TorchStrategy("cpu", "fp32", 1, algo.max_grad_norm) for _ in range(2))
-    models, eval_reference = build_ppo_models(cfg, root, root / "rm", tok, None, actor_s.device)
-    models.actor = _setup(actor_s, models.actor, algo.actor_lr, algo.warmup_steps)
-    models.critic = _setup(critic_s, models.critic, algo.critic_lr, algo.warmup_steps)
+    models, eval_reference = build_ppo_models(cfg, root, root / "rm", tok, None, actor_s)
+    models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
     clock = StepClock()
     total = args.warmup + args.steps
     trainer = PPOTrainer(models, tok, prompts, PromptSet([], []), eval_reference, None, algo, EvalConfig(), total,
-                         actor_s, critic_s, clock, None, None, work, SEED)
+                         actor_s, critic_s, clock, None, None, work, SEED, checkpoint_every=10**9)
     trainer.evaluate = lambda: None          # evaluation and checkpointing are not part of the measured loop
-    trainer._maybe_checkpoint = lambda: None
+    trainer.checkpoints.save = lambda *a, **k: None
     reset_peak_rss()
     clock.start = time.perf_counter()
     trainer.train()

@@ -276,6 +276,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.data.truncation in ("truncate", "drop"), "data.truncation", "truncate | drop", cfg.data.truncation)
     _check(cfg.reward.gold in ("classifier", "vader"), "reward.gold", "classifier | vader", cfg.reward.gold)
     _validate_strategy(cfg.strategy, cfg.train)
+    validate_reward_model(cfg.reward_model)
     _check(cfg.logger.name in ("wandb", "none"), "logger.name", "wandb | none", cfg.logger.name)
     _check(cfg.task.name in ("imdb", "none"), "task.name", "imdb | none", cfg.task.name)
     if cfg.task.name == "none":
@@ -285,6 +286,25 @@ def _validate_common(cfg: RunConfig) -> None:
            "architecture kwargs when model.name_or_path is null", cfg.model.config)
     _check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
            "a pretrained model when model.sft=false (there is nothing to start from)", None)
+
+
+def validate_reward_model(r: "RewardModelConfig") -> None:
+    """Checked with the rest of the run config at start-up, not when the stage starts after SFT and sampling."""
+    checks = [
+        (r.steps >= 1, "steps", ">= 1", r.steps),
+        (r.batch_size >= 1, "batch_size", ">= 1", r.batch_size),
+        (r.lr > 0, "lr", "> 0", r.lr),
+        (r.weight_decay >= 0, "weight_decay", ">= 0", r.weight_decay),
+        (r.warmup_steps >= 0, "warmup_steps", ">= 0", r.warmup_steps),
+        (r.max_grad_norm is None or r.max_grad_norm > 0, "max_grad_norm", "> 0 or null", r.max_grad_norm),
+        (r.center_rewards_coefficient is None or r.center_rewards_coefficient >= 0,
+         "center_rewards_coefficient", ">= 0 or null", r.center_rewards_coefficient),
+        (0.0 <= r.eval_fraction < 1.0, "eval_fraction", "in [0, 1)", r.eval_fraction),
+        (r.normalization_samples == 0 or r.normalization_samples >= 2, "normalization_samples",
+         "0 (off) or >= 2", r.normalization_samples),
+    ]
+    for ok, key, expected, value in checks:
+        _check(ok, f"reward_model.{key}", expected, value)
 
 
 def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from rlhf_lab.data.collate import collate_sequences
@@ -91,3 +92,36 @@ def test_sampling_matches_scored_distribution(tiny_model, tiny_tokenizer):
     top = probs.argsort(descending=True)[:5]
     # binomial standard error at n=4000 is < 0.008; allow 4 SE
     assert torch.all((counts[top] - probs[top].double()).abs() < 0.032)
+
+
+def _tiny(arch: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=40,
+                                          bos_token_id=2, eos_token_id=3, pad_token_id=1)).eval()
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                        max_position_embeddings=64, bos_token_id=2, eos_token_id=3,
+                                        pad_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_sampling_uses_the_current_cache_api_and_equals_uncached_greedy(arch):
+    """The installed transformers' KV-cache argument (no FutureWarning/DeprecationWarning from our calls, which
+    would turn into a TypeError on the next major), and cached greedy decoding equals full re-forwards."""
+    import warnings
+
+    model = _tiny(arch)
+    prompts = [[5, 6, 7], [8, 9]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        seqs = sample_completions(model, prompts, eos_id=3, pad_id=1, max_new_tokens=6, temperature=0.0)
+    for row, prompt in enumerate(prompts):
+        ids = list(prompt)
+        for _ in range(int(seqs.completion_lengths[row])):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert seqs.input_ids[row, seqs.prompt_width:][: len(ids) - len(prompt)].tolist() == ids[len(prompt):]

@@ -6,7 +6,11 @@ with tied embeddings. Rank 0 writes the checks' results as JSON to argv[2]; any 
      logits to the gathered engine;
   3. an EMA update through strategy.modify lands in the partitioned reference (modifier_rank=0);
   4. sampling with collective (not gathered) ZeRO-3 forwards does not hang when one rank's samples end after
-     one token and the other's run to the length limit, and draws what the gathered model draws.
+     one token and the other's run to the length limit, and draws what the gathered model draws;
+  5. models loaded inside `strategy.loading()` (transformers' zero.Init path) are partitioned as they are built
+     and gather to exactly the file's weights, trained and frozen alike (transformers-5 ZeRO-3 loading has
+     silently re-initialised weights before: transformers#43303, #43964); a scalar head initialised on a
+     partitioned model equals the one initialised on a whole model with the same seed.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from rlhf_lab.algos.ppo import ema_update
 from rlhf_lab.config import OptimConfig, StrategyConfig
 from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.deepspeed_strategy import DeepSpeedStrategy
+from rlhf_lab.models.build import load_causal_lm
+from rlhf_lab.models.heads import build_scalar_model, find_scalar_head
 from rlhf_lab.trainers.loop import build_trained
 
 
@@ -43,6 +49,31 @@ def synced_sampling_matches_gathered(engine, strategy) -> bool:
     synced = sample_completions(engine, prompts, sync_finish=True, **kwargs)  # collective forwards
     lengths = comm.all_gather_object(synced.completion_lengths.tolist())
     return bool(torch.equal(synced.input_ids, gathered_seqs.input_ids)) and lengths[0][0] == 1 and lengths[1][0] > 1
+
+
+def partitioned(model) -> bool:
+    return all(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+
+
+def zero_init_loading(source: Path, file_weights: dict) -> dict:
+    """Check 5, with strategies of their own (one trained engine per strategy)."""
+    strategy = DeepSpeedStrategy(StrategyConfig(name="deepspeed", zero_stage=3, frozen_offload_param=True),
+                                 device="cpu", micro_batch_size=2)
+    with strategy.loading(trained=True):
+        policy = load_causal_lm(source)
+    with strategy.loading(trained=False):
+        reference = load_causal_lm(source)
+        scalar = build_scalar_model(source, pad_token_id=0, seed=3)
+    whole_scalar = build_scalar_model(source, pad_token_id=0, seed=3)
+    built_partitioned = partitioned(policy) and partitioned(reference) and partitioned(scalar)
+    build_trained(strategy, policy, OptimConfig(lr=1e-2, warmup_steps=0))
+    reference = strategy.place(reference)
+    states = [gathered(strategy.unwrap()), gathered(strategy.unwrap(reference))]
+    exact = all(torch.equal(state[k], file_weights[k]) for state in states for k in file_weights)
+    head = find_scalar_head(scalar)
+    with deepspeed.zero.GatheredParameters(list(head.parameters())):
+        head_equal = bool(torch.equal(head.weight, find_scalar_head(whole_scalar).weight))
+    return {"zero_init_partitioned": built_partitioned, "zero_init_exact": exact, "zero_init_head_seeded": head_equal}
 
 
 def main(workdir: Path, result_path: Path) -> None:
@@ -85,6 +116,7 @@ def main(workdir: Path, result_path: Path) -> None:
     results["ema_landed"] = bool(torch.allclose(after[key], 0.5 * before[key] + 0.5 * trained[key], atol=1e-7)
                                  and not torch.equal(after[key], before[key]))
     results["synced_sampling"] = synced_sampling_matches_gathered(engine, strategy)
+    results.update(zero_init_loading(source, file_weights))
     if comm.is_main():
         result_path.write_text(json.dumps(results))
     comm.barrier()

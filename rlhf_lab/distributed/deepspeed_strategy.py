@@ -150,10 +150,30 @@ class DeepSpeedStrategy:
                                 grad_accum=self.grad_accum, world_size=self.world_size,
                                 max_grad_norm=self.max_grad_norm, trained=trained)
 
+    @contextlib.contextmanager
+    def loading(self, trained: bool = True) -> Iterator[None]:
+        """`from_pretrained` inside builds ZeRO-3 models already partitioned (transformers runs it under
+        `deepspeed.zero.Init` while an `HfDeepSpeedConfig` is alive), so no rank ever holds a whole model: what
+        lets a model larger than one device's (or one host's) memory load at all. `trained` picks the engine
+        config the model will be placed with (a frozen model's may offload its parameters). Function-scoped on
+        purpose: a global one would partition every later load too (gold classifiers, judges). Other stages:
+        nothing to do, the engine takes a whole model."""
+        if self.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        hf_config = HfDeepSpeedConfig(self._config(trained))  # transformers keeps only a weak reference
+        try:
+            yield
+        finally:
+            del hf_config
+            unset_hf_deepspeed_config()
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> nn.Module:
         import deepspeed
 
-        model.to(self.device)
+        _to_device_unless_partitioned(model, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self._config(trained=True))
         self._client_optimizer = optimizer
@@ -167,7 +187,8 @@ class DeepSpeedStrategy:
         model.eval().requires_grad_(False)
         if self.zero_stage != 3:
             return model.to(self.device)
-        engine, *_ = deepspeed.initialize(model=model.to(self.device), config=self._config(trained=False))
+        _to_device_unless_partitioned(model, self.device)
+        engine, *_ = deepspeed.initialize(model=model, config=self._config(trained=False))
         engine.eval()
         return engine
 
@@ -212,13 +233,8 @@ class DeepSpeedStrategy:
     def modify(self, *models: nn.Module) -> Iterator[None]:
         """Write parameters of `models` in place (the EMA reference). ZeRO-3 gathers them with modifier_rank=0:
         rank 0's values are re-partitioned on exit (with modifier_rank=None DeepSpeed drops the update)."""
-        if self.zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
         params = [p for m in models for p in unwrap_module(m).parameters()]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        with writable_parameters(params):
             yield
 
     def save_state(self, directory: Path) -> None:
@@ -243,6 +259,31 @@ class DeepSpeedStrategy:
         comm.barrier()
 
     save_model = save_hf
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """True when ZeRO-3 owns the module's parameters (built under zero.Init or wrapped by a stage-3 engine)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _to_device_unless_partitioned(model: nn.Module, device: torch.device) -> None:
+    """A model loaded under zero.Init already lives where its config put it (each rank's shard; offloaded
+    shards on the CPU): `.to()` on its empty placeholders would be wrong, so only whole models are moved."""
+    if not is_partitioned(model):
+        model.to(device)
+
+
+@contextlib.contextmanager
+def writable_parameters(params: list) -> Iterator[None]:
+    """Write ZeRO-3-partitioned parameters in place (rank 0's values are re-partitioned on exit); plain
+    parameters need nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def is_engine(model) -> bool:

@@ -56,14 +56,19 @@ def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32)
     return model
 
 
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """A reference / reward role: eval mode, no gradients (in place)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A reference model: same weights, eval mode, no gradients."""
+    """A frozen deep copy of an in-memory model. Never of a ZeRO-3-partitioned one (its parameters are empty
+    placeholders): the recipes load frozen roles afresh with `freeze(load_causal_lm(...))` instead."""
     import copy
 
-    ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
+    return freeze(copy.deepcopy(model))
 
 
 def count_parameters(model: nn.Module) -> int:

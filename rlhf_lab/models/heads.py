@@ -93,12 +93,17 @@ def find_scalar_head(model: nn.Module) -> nn.Linear:
 @torch.no_grad()
 def init_scalar_head(model: nn.Module, generator: torch.Generator | None = None) -> nn.Linear:
     """PPO detail 9: head weight ~ N(0, std = 1/√(d+1)) with d the hidden size, bias (if any) 0."""
+    from rlhf_lab.distributed.deepspeed_strategy import writable_parameters
+
     head = find_scalar_head(model)
     d = head.in_features
-    weight = torch.randn(head.weight.shape, generator=generator, dtype=torch.float32) / math.sqrt(d + 1)
-    head.weight.copy_(weight.to(head.weight.dtype))
-    if head.bias is not None:
-        head.bias.zero_()
+    # the full (1, d) shape even when ZeRO-3 has partitioned the head (ds_shape), so every rank draws alike
+    shape = getattr(head.weight, "ds_shape", head.weight.shape)
+    weight = torch.randn(shape, generator=generator, dtype=torch.float32) / math.sqrt(d + 1)
+    with writable_parameters([p for p in head.parameters()]):
+        head.weight.copy_(weight.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
     return head
 
 

@@ -11,6 +11,8 @@ the same samples at any batch size and world size.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from rlhf_lab.data.batches import SequenceBatch
@@ -72,12 +74,12 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
     n = input_ids.shape[0]
     finished = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
     tokens = []
-    past = None
+    cache_name, past = cache_argument(model), None
     step_ids, step_pos = input_ids, position_ids
     for t in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
-                    past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+                    use_cache=True, logits_to_keep=1, **{cache_name: past})
+        past = out[cache_name]
         nxt = next_tokens(out.logits[:, -1], temperature, uniforms[:, t])
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
@@ -89,6 +91,15 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
         step_ids = nxt[:, None]
     sampled = torch.stack(tokens, dim=1).tolist()  # (n, T)
     return [_strip_after_eos(row, eos_id, pad_id) for row in sampled]
+
+
+def cache_argument(model) -> str:
+    """The KV cache's name in the model's forward and output: `cache` since transformers 5.2x renamed it (the old
+    `past_key_values` still works there but warns, and goes in 5.40), `past_key_values` before."""
+    from rlhf_lab.distributed.strategy import unwrap_module
+
+    forward = unwrap_module(model).forward   # a DDP wrapper or DeepSpeed engine only forwards **kwargs
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:

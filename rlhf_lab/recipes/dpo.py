@@ -15,7 +15,7 @@ from rlhf_lab.config import RunConfig
 from rlhf_lab.data.formats import load_preference_pairs
 from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt, tokenize_pairs
 from rlhf_lab.distributed.strategy import resolve_device
-from rlhf_lab.models.build import frozen_copy, load_causal_lm, load_tokenizer
+from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
 from rlhf_lab.recipes import stages
 from rlhf_lab.recipes.run import RunContext, seed_everything, trainer_strategy
 from rlhf_lab.trainers.loop import accumulation_steps
@@ -121,9 +121,11 @@ def train_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     accum = accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, "train.batch_size")
     strategy = trainer_strategy(cfg, accum, cfg.optim.max_grad_norm, cfg.train.micro_batch_size)
     data = prepare_data(cfg, resolve_device(cfg.train.device))
-    reference = frozen_copy(load_causal_lm(data.reference_dir))
+    with strategy.loading(trained=False):    # ZeRO-3: built partitioned, never whole on one rank
+        reference = freeze(load_causal_lm(data.reference_dir))
     seed_everything(cfg.seed)
-    policy = load_causal_lm(data.reference_dir)
+    with strategy.loading(trained=True):
+        policy = load_causal_lm(data.reference_dir)
     inputs = DPOInputs(policy, reference, data.tokenizer, data.pairs, data.reference_table,
                        data.eval_prompt_ids, data.gold, ctx.identity)
     trainer = DPOTrainer(inputs, cfg.algo, cfg.optim, cfg.train, cfg.eval, strategy, ctx.logger, ctx.points,

@@ -12,7 +12,7 @@ from rlhf_lab.config import PPOConfig, RunConfig
 from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt
 from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.strategy import resolve_device
-from rlhf_lab.models.build import frozen_copy, load_causal_lm, load_tokenizer
+from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
 from rlhf_lab.models.heads import build_scalar_model, init_scalar_head, load_scalar_model
 from rlhf_lab.recipes import stages
 from rlhf_lab.recipes.dpo import sft_or_base, stage_seconds, stage_training
@@ -24,30 +24,33 @@ from rlhf_lab.trainers.ppo_rollout import PPOModels
 from rlhf_lab.utils.errors import ConfigError
 
 
-def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokenizer, gold) -> tuple:
+def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokenizer, gold, strategy) -> tuple:
     """Actor and reference from SFT; critic from the reward model (or SFT + fresh head); the reward source.
     Returns (models, eval_reference), all unplaced: KL is always evaluated against the frozen SFT model, even
-    with an EMA reference in the penalty. Frozen models are loaded afresh, never deep-copied from a model a
-    strategy may have partitioned."""
+    with an EMA reference in the penalty. Loaded inside `strategy.loading` (ZeRO-3: partitioned as they are
+    built, so no rank holds a whole model); frozen roles are loaded afresh, never deep-copied."""
     a: PPOConfig = cfg.algo
-    actor = load_causal_lm(sft_dir)
-    reference = frozen_copy(load_causal_lm(sft_dir))
-    eval_reference = frozen_copy(load_causal_lm(sft_dir)) if a.ema_reference_decay is not None else reference
-    if a.critic_init == "reward_model":
-        critic, _ = load_scalar_model(rm_dir)
-    else:
-        critic = build_scalar_model(sft_dir, torch.float32, init_head=False)
-        # an explicit generator: the head must not depend on how much global RNG the (cached or not) stages used
-        init_scalar_head(critic, generator=torch.Generator().manual_seed(cfg.seed))
-    if a.reward == "learned":
-        rm, normalization = load_scalar_model(rm_dir)
-        reward = LearnedRewardSource(rm.requires_grad_(False), load_tokenizer(rm_dir), tokenizer, normalization,
-                                     None, apply_normalization=a.normalize_reward)
-    elif a.reward == "gold":
+    with strategy.loading(trained=True):
+        actor = load_causal_lm(sft_dir)
+        if a.critic_init == "reward_model":
+            critic, _ = load_scalar_model(rm_dir)
+        else:
+            critic = build_scalar_model(sft_dir, torch.float32, init_head=False)
+            # an explicit generator: the head must not depend on how much global RNG the (cached or not) stages
+            # used
+            init_scalar_head(critic, generator=torch.Generator().manual_seed(cfg.seed))
+    with strategy.loading(trained=False):
+        reference = freeze(load_causal_lm(sft_dir))
+        eval_reference = freeze(load_causal_lm(sft_dir)) if a.ema_reference_decay is not None else reference
+        if a.reward == "learned":
+            rm, normalization = load_scalar_model(rm_dir)
+            reward = LearnedRewardSource(freeze(rm), load_tokenizer(rm_dir), tokenizer, normalization, None,
+                                         apply_normalization=a.normalize_reward)
+    if a.reward == "gold":
         if gold is None:
             raise ConfigError("algo.reward=gold (PPO-GT) needs a task with a gold reward (task=imdb)")
         reward = GoldRewardSource(gold)
-    else:
+    elif a.reward != "learned":
         reward = CallableRewardSource(a.reward_callable)
     return PPOModels(actor, critic, reference, reward), eval_reference
 
@@ -81,7 +84,7 @@ def train_ppo(cfg: RunConfig, ctx: RunContext) -> dict:
     critic_s = trainer_strategy(cfg, accum, a.max_grad_norm, a.micro_batch_size)
     task, sft_dir, rm_dir, used = ppo_stages(cfg)
     tokenizer = load_tokenizer(sft_dir)
-    models, eval_reference = build_ppo_models(cfg, sft_dir, rm_dir, tokenizer, task.gold)
+    models, eval_reference = build_ppo_models(cfg, sft_dir, rm_dir, tokenizer, task.gold, actor_s)
     models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
     train_prompts = PromptSet([encode_prompt(tokenizer, p) for p in task.train_prompts], list(task.train_prompts))
     test = task.test_prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else task.test_prompts

@@ -154,9 +154,10 @@ def sft_stage(cache_dir: Path, task, task_key: str, model_cfg: ModelConfig, sft_
 
     def build(out: Path) -> None:
         tokenizer = load_tokenizer(task.tokenizer_path)
-        model = build_causal_lm(model_cfg, tokenizer, seed)
         micro = micro_batch_for(sft_cfg.batch_size, 1, "sft.batch_size")
         strategy = training.strategy_factory(1, training.optim.max_grad_norm, micro)
+        with strategy.loading():    # ZeRO-3: partitioned as it is built
+            model = build_causal_lm(model_cfg, tokenizer, seed)
         history = []
         loss = train_sft(model, tokenizer, task.train_texts, sft_cfg, strategy, seed, training.optim,
                          log_fn=lambda m, s: history.append({"step": s, **m}),
@@ -254,7 +255,8 @@ def reward_model_stage(cache_dir: Path, sft_key: str, sft_dir: Path, prefs_key: 
 
         strategy = training.strategy_factory(1, rm_cfg.max_grad_norm,
                                              micro_batch_for(rm_cfg.batch_size, 1, "reward_model.batch_size"))
-        model = build_scalar_model(sft_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
+        with strategy.loading():
+            model = build_scalar_model(sft_dir, pad_token_id=tokenizer.pad_token_id, seed=seed)
         metrics = train_reward_model(model, tokenizer, train_pairs, eval_pairs, rm_cfg, strategy, seed, margins,
                                      optim=training.optim,
                                      checkpoint_dir=stage_checkpoints(cache_dir, "reward_model", key),

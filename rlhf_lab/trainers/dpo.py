@@ -92,8 +92,7 @@ class DPOTrainer:
             step += 1
             self.policy.train()
             started = time.perf_counter()
-            metrics = accumulate(self.strategy, rank_share(self.batches.next(), self.accum), self.compute_loss,
-                                 "train")
+            metrics = self.train_step()
             train_seconds += time.perf_counter() - started
             metrics["train/pairs_per_s"] = self.train_cfg.batch_size / (time.perf_counter() - started)
             self.logger.log(metrics, step)
@@ -107,6 +106,10 @@ class DPOTrainer:
                 stop.stop(step, self.checkpoints.root)
         stop.close()
         return last
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the next global batch (this rank's share, accumulated)."""
+        return accumulate(self.strategy, rank_share(self.batches.next(), self.accum), self.compute_loss, "train")
 
     def resume(self) -> int:
         """Continue from the newest complete checkpoint (policy, optimizer, scheduler, RNG, data cursor)."""

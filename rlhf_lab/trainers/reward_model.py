@@ -36,22 +36,10 @@ EVAL_BATCH_PAIRS = 64           # pairs per no-grad scoring pass
 
 
 def validate_reward_config(cfg: RewardModelConfig) -> None:
-    checks = [
-        (cfg.steps >= 1, "steps", ">= 1", cfg.steps),
-        (cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size),
-        (cfg.lr > 0, "lr", "> 0", cfg.lr),
-        (cfg.weight_decay >= 0, "weight_decay", ">= 0", cfg.weight_decay),
-        (cfg.warmup_steps >= 0, "warmup_steps", ">= 0", cfg.warmup_steps),
-        (cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "max_grad_norm", "> 0 or null", cfg.max_grad_norm),
-        (cfg.center_rewards_coefficient is None or cfg.center_rewards_coefficient >= 0,
-         "center_rewards_coefficient", ">= 0 or null", cfg.center_rewards_coefficient),
-        (0.0 <= cfg.eval_fraction < 1.0, "eval_fraction", "in [0, 1)", cfg.eval_fraction),
-        (cfg.normalization_samples == 0 or cfg.normalization_samples >= 2, "normalization_samples",
-         "0 (off) or >= 2", cfg.normalization_samples),
-    ]
-    for ok, key, expected, value in checks:
-        if not ok:
-            raise ValueError(f"reward_model.{key}: expected {expected}, got {value!r}")
+    """The reward-model keys' ranges (ConfigError naming the key); run configs are checked at start-up already."""
+    from rlhf_lab.config import validate_reward_model
+
+    validate_reward_model(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- training
