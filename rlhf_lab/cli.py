@@ -32,6 +32,7 @@ from rlhf_lab.utils.errors import UserError
 
 CONF_DIR = str(Path(__file__).parent / "conf")
 log = logging.getLogger("rlhf_lab")
+_TASK_STARTED = False   # set when Hydra has composed the config and entered train_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -46,6 +47,8 @@ def train_app(raw: DictConfig) -> dict | None:
     if int(os.environ.get("RANK", "0")) != 0:  # one log per run: the other ranks report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
     hc = HydraConfig.get()
+    global _TASK_STARTED
+    _TASK_STARTED = True
     try:
         cfg = validate_run_config(raw)
         summary = run_alignment(cfg, Path(hc.runtime.output_dir))
@@ -57,6 +60,7 @@ def train_app(raw: DictConfig) -> dict | None:
     except (UserError, NonFiniteLossError) as e:
         diverged = isinstance(e, NonFiniteLossError)
         log.error("%s: %s", "training diverged (lower optim.lr or raise algo.beta)" if diverged else "error", e)
+        print(f"rlhf-lab: {'training diverged' if diverged else 'error'}: {e}", file=sys.stderr)
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             return None  # one bad sweep point must not stop the others; its directory stays incomplete
         sys.exit(3 if diverged else 2)
@@ -100,7 +104,14 @@ def main() -> None:
 
             sys.exit(judge_main(args[1:]))
         sys.argv = [sys.argv[0], *follower_overrides(args)]
-        train_app()
+        try:
+            train_app()
+        except SystemExit as e:
+            # Hydra reports a composition error (a typo'd key, an unknown group option, a malformed override)
+            # with its own one-line message and exit code 1, before the task starts: a user error here (2)
+            if e.code == 1 and not _TASK_STARTED:
+                sys.exit(2)
+            raise
     except UserError as e:
         print(f"rlhf-lab: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -162,7 +162,8 @@ class StrategyConfig:
     zero_stage: int = 0                 # deepspeed: 0 (DDP-like) | 1 optimizer states | 2 + gradients | 3 + parameters
     offload_optimizer: bool = False     # deepspeed: optimizer states (and the step) on the CPU (ZeRO-Offload)
     offload_param: bool = False         # deepspeed ZeRO-3: trained models' parameters on the CPU (ZeRO-Infinity)
-    frozen_offload_param: bool = False  # deepspeed ZeRO-3: reference / reward eval engines' parameters on the CPU
+    reference_offload_param: bool = False  # deepspeed ZeRO-3: the frozen reference's eval engine on the CPU
+    reward_offload_param: bool = False  # deepspeed ZeRO-3: the frozen learned reward model's eval engine on the CPU
     generation: str = "gather"          # ZeRO-3 sampling: gather (full actor once per rollout) | synced (collective
                                         # forwards, ranks agree on "all finished"; for models too large to gather)
     config_path: Optional[str] = None   # a DeepSpeed JSON whose sections (zero_optimization, comms, ...) are merged
@@ -312,15 +313,16 @@ def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:
     _check(s.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", "0, 1, 2 or 3", s.zero_stage)
     _check(s.generation in ("gather", "synced"), "strategy.generation", "gather | synced", s.generation)
     if s.name == "torch":
-        for key in ("offload_optimizer", "offload_param", "frozen_offload_param"):
+        for key in ("offload_optimizer", "offload_param", "reference_offload_param", "reward_offload_param"):
             _check(not getattr(s, key), f"strategy.{key}", "false with strategy.name=torch (offload needs deepspeed)",
                    getattr(s, key))
         _check(s.zero_stage == 0, "strategy.zero_stage", "0 with strategy.name=torch (ZeRO needs deepspeed)",
                s.zero_stage)
         _check(s.config_path is None, "strategy.config_path", "null with strategy.name=torch", s.config_path)
     else:
-        _check(not s.offload_param or s.zero_stage == 3, "strategy.offload_param", "true only with zero_stage=3",
-               s.offload_param)
+        for key in ("offload_param", "reference_offload_param", "reward_offload_param"):
+            _check(not getattr(s, key) or s.zero_stage == 3, f"strategy.{key}",
+                   "true only with zero_stage=3 (below it every rank keeps whole parameters)", getattr(s, key))
         _check(not train.compile, "train.compile", "false with strategy=deepspeed (DeepSpeed compiles its own "
                "engine)", train.compile)
 

@@ -111,7 +111,7 @@ def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two
     """gather: the actor's parameters gathered once per rollout; synced: collective forwards, the ranks stepping
     until every rank's samples have ended (they end at different lengths on different ranks)."""
     run = f"ppo-z3-{generation}"
-    run_torchrun(args(workspace, run, *PPO, "strategy=zero3", "strategy.frozen_offload_param=true",
+    run_torchrun(args(workspace, run, *PPO, "strategy=zero3", "strategy.reference_offload_param=true", "strategy.reward_offload_param=true",
                       f"strategy.generation={generation}", cache="cache2"), workspace)
     ddp, zero3 = train_metrics(workspace / "ppo-ddp"), train_metrics(workspace / run)
     assert_metrics_close(zero3, ddp, 1e-4, 1e-5, {**LOOSE, "loss/value_avg": 1e-3, "val/ratio_var": 1e-2})

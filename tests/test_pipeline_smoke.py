@@ -173,3 +173,36 @@ def test_bring_your_own_model_and_dataset(workspace, first_run):
     assert [int(r["step"]) for r in rows] == [0, 2]
     assert rows[0]["gold_reward_mean"] == ""            # no gold reward without a task
     assert int(rows[0]["samples"]) == 6 and float(rows[-1]["kl_mean"]) > 0
+
+
+def test_unpaired_kto_dataset_end_to_end(workspace, first_run):
+    """A KTO-style file (prompt/completion/label): parsed as unpaired rows (bad labels counted, not dropped
+    silently), its own (num_rows,) reference table cached, KTO trains on it; a paired loss on it is refused
+    before anything trains."""
+    (pref_dir,) = sorted((workspace / "cache" / "preferences").glob("[0-9a-f]*"))
+    pairs = [json.loads(x) for x in (pref_dir / "pairs.jsonl").read_text().splitlines()][:40]
+    rows = [r for p in pairs for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                                       {"prompt": p["prompt"], "completion": p["rejected"], "label": 0})]
+    rows += [{"prompt": "a", "completion": "b", "label": "yes"}, {"prompt": "c", "completion": "", "label": 1}]
+    path = workspace / "unpaired.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = [*TINY, f"data.source={path}", "train.steps=2", "eval.every=2", "train.save_model=false",
+              f"output_root={workspace}"]
+
+    refused = run_cli([*common, "algo=dpo", f"hydra.run.dir={workspace / 'unpaired_dpo'}"], workspace, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "unpaired rows" in refused.stderr and str(path) in refused.stderr
+    assert not (workspace / "unpaired_dpo" / "points.csv").exists()
+
+    before = set((workspace / "cache" / "reference_logps").glob("[0-9a-f]*"))
+    out = run_cli([*common, "algo=kto", f"hydra.run.dir={workspace / 'unpaired_kto'}"], workspace)
+    assert "kept 80/82 rows" in out.stdout + out.stderr
+    (table_dir,) = set((workspace / "cache" / "reference_logps").glob("[0-9a-f]*")) - before
+    table = torch.load(table_dir / "reference_logps.pt")
+    assert table.shape == (82,) and torch.isfinite(table[:80]).all() and torch.isnan(table[80:]).all()
+    # the same completions scored as pairs by the first run's table (its rows are pairs.jsonl's rows)
+    paired = [torch.load(d / "reference_logps.pt") for d in before]
+    paired = next(t for t in paired if t.dim() == 2 and t.shape[0] >= 40)
+    torch.testing.assert_close(table[:80].view(40, 2), paired[:40], rtol=0, atol=1e-4)
+    points = read_points(workspace / "unpaired_kto" / "points.csv")
+    assert [int(r["step"]) for r in points] == [0, 2] and points[0]["loss_type"] == "kto"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from rlhf_lab.distributed.strategy import TorchStrategy
@@ -56,3 +57,83 @@ def test_warmup_is_linear_then_constant():
         opt.step()
         sched.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+class _Payload:
+    """Unpickling this runs code (writes a marker file): what a tampered checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoint_files_with_a_pickle_payload_are_refused(tmp_path):
+    from rlhf_lab.utils.cache import load_state_file
+    from rlhf_lab.utils.errors import UserError
+
+    marker = tmp_path / "code_ran"
+    torch.save({"step": 3, "trainer": _Payload(marker)}, tmp_path / "state.pt")
+    with pytest.raises(UserError, match="state.pt: refusing to load"):
+        load_state_file(tmp_path / "state.pt")
+    assert not marker.exists()
+    torch.save({"step": 3, "order": [2, 0, 1], "weights": torch.ones(2)}, tmp_path / "ok.pt")
+    assert load_state_file(tmp_path / "ok.pt")["order"] == [2, 0, 1]
+
+
+def test_rng_capture_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from rlhf_lab.trainers.checkpoint import capture_rng, restore_rng
+    from rlhf_lab.utils.cache import load_state_file
+
+    g = torch.Generator().manual_seed(5)
+    torch.save(capture_rng({"data": g}), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
+    restore_rng(load_state_file(tmp_path / "rng.pt"), {"data": g})
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()) == expected
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A failing writer (ENOSPC) mid-save: a clear StorageError naming the checkpoint, the previous checkpoint
+    still the newest complete one (a rerun resumes from it), nothing half-written that looks complete."""
+    import errno
+
+    from rlhf_lab.trainers.checkpoint import complete_checkpoints
+    from rlhf_lab.trainers.loop import Checkpointer
+    from rlhf_lab.utils.errors import StorageError
+
+    strategy = TorchStrategy("cpu")
+    model = torch.nn.Linear(3, 1)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    checkpoints = Checkpointer(tmp_path / "checkpoints", {"policy": strategy}, "hash")
+    first = checkpoints.save(1, {"cursor": 1}, {})
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "state.pt" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StorageError, match=f"step-000002.*No space left.*{first} is intact"):
+        checkpoints.save(2, {"cursor": 2}, {})
+    assert complete_checkpoints(checkpoints.root) == [first]
+    assert checkpoints.load(first, {})["cursor"] == 1
+
+
+def test_a_full_disk_while_publishing_a_stage_publishes_nothing(tmp_path):
+    import errno
+
+    from rlhf_lab.utils.cache import atomic_dir, is_complete
+    from rlhf_lab.utils.errors import StorageError
+
+    with pytest.raises(StorageError, match="stage/abc.*nothing was published"):
+        with atomic_dir(tmp_path / "stage" / "abc") as tmp:
+            (tmp / "part.bin").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
+    assert not (tmp_path / "stage" / "abc").exists() and not is_complete(tmp_path / "stage" / "abc")
+    assert list((tmp_path / "stage").iterdir()) == []

@@ -57,11 +57,11 @@ def partitioned(model) -> bool:
 
 def zero_init_loading(source: Path, file_weights: dict) -> dict:
     """Check 5, with strategies of their own (one trained engine per strategy)."""
-    strategy = DeepSpeedStrategy(StrategyConfig(name="deepspeed", zero_stage=3, frozen_offload_param=True),
+    strategy = DeepSpeedStrategy(StrategyConfig(name="deepspeed", zero_stage=3, reference_offload_param=True),
                                  device="cpu", micro_batch_size=2)
-    with strategy.loading(trained=True):
+    with strategy.loading("trained"):
         policy = load_causal_lm(source)
-    with strategy.loading(trained=False):
+    with strategy.loading("reference"):
         reference = load_causal_lm(source)
         scalar = build_scalar_model(source, pad_token_id=0, seed=3)
     whole_scalar = build_scalar_model(source, pad_token_id=0, seed=3)

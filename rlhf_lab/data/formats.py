@@ -268,6 +268,19 @@ def load_preference_pairs(
     return parse_pairs(records, name, tokenizer)
 
 
+def is_unpaired(records: Sequence[Mapping[str, Any]]) -> bool:
+    """KTO-style data (`prompt`/`completion`/`label`, no `chosen`/`rejected`), judged by the first row."""
+    first = records[0] if records else {}
+    return isinstance(first, Mapping) and {"completion", "label"} <= set(first) and "chosen" not in first
+
+
+def parse_examples(records: Sequence[Mapping[str, Any]], source_name: str, tokenizer: Any = None
+                   ) -> tuple[list[PreferencePair] | list[UnpairedExample], SkipReport]:
+    """Pairs (`parse_pairs`) or, for KTO-style rows, unpaired examples (`parse_unpaired`)."""
+    parse = parse_unpaired if is_unpaired(records) else parse_pairs
+    return parse(records, source_name, tokenizer)
+
+
 def _check_schema(
     first: Mapping[str, Any],
     required: Sequence[str],
@@ -305,7 +318,12 @@ def _field_problem(rec: Mapping[str, Any], fields: Iterable[str]) -> str | None:
     return None
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def _messages_problem(rec: Mapping[str, Any], fields: Iterable[str]) -> str | None:
+    """A skip reason for message lists: each message {'role': str, 'content': str} with a known role; every
+    completion field (not the prompt) holds an assistant turn with some content."""
     for k in fields:
         msgs = rec[k]
         for m in msgs:
@@ -315,6 +333,10 @@ def _messages_problem(rec: Mapping[str, Any], fields: Iterable[str]) -> str | No
                 and isinstance(m.get("content"), str)
             ):
                 return f"'{k}' has a message that is not {{'role': str, 'content': str}}"
+            if m["role"] not in ROLES:
+                return f"'{k}' has a message with unknown role (expected one of {', '.join(ROLES)})"
+        if k != "prompt" and not any(m["role"] == "assistant" for m in msgs):
+            return f"'{k}' has no assistant turn"
         if k != "prompt" and all(not m["content"] for m in msgs):
             return f"empty '{k}'"
     return None

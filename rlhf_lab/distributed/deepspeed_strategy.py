@@ -30,8 +30,11 @@ from rlhf_lab.utils.errors import ConfigError
 ENGINE_TAG = "engine"
 
 
+ROLES = ("trained", "reference", "reward")   # a training engine, or the frozen reference / reward eval engine
+
+
 def deepspeed_config(cfg, *, precision: str, micro_batch_size: int, grad_accum: int, world_size: int,
-                     max_grad_norm: float | None, trained: bool) -> dict:
+                     max_grad_norm: float | None, role: str = "trained") -> dict:
     """The DeepSpeed JSON for one engine, from the `strategy` config group (+ an optional user JSON).
 
     The batch keys are derived here, never taken from the user file: DeepSpeed asserts
@@ -39,7 +42,9 @@ def deepspeed_config(cfg, *, precision: str, micro_batch_size: int, grad_accum: 
     user = _load_user_json(cfg.config_path) if cfg.config_path else {}
     zero = {"stage": cfg.zero_stage, **user.get("zero_optimization", {})}
     stage = int(zero["stage"])
-    if trained:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "trained":
         if cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if cfg.offload_param and stage == 3:
@@ -48,7 +53,7 @@ def deepspeed_config(cfg, *, precision: str, micro_batch_size: int, grad_accum: 
         # an eval engine: no optimizer state; partitioned only when the trained models are (ZeRO-3)
         zero = {k: v for k, v in zero.items() if k not in ("offload_optimizer", "offload_param")}
         zero["stage"] = 3 if stage == 3 else 0
-        if stage == 3 and cfg.frozen_offload_param:
+        if stage == 3 and getattr(cfg, f"{role}_offload_param"):
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {k: v for k, v in user.items() if k not in _DERIVED_KEYS}
     config.update({
@@ -124,7 +129,7 @@ class DeepSpeedStrategy:
         ensure_process_group(self.device.type)
         self.world_size, self.rank = comm.world_size(), comm.rank()
         self.zero_stage = int(deepspeed_config(cfg, precision=precision, micro_batch_size=1, grad_accum=1,
-                                               world_size=1, max_grad_norm=None, trained=True)
+                                               world_size=1, max_grad_norm=None)
                               ["zero_optimization"]["stage"])
         self.synced_generation = self.zero_stage == 3 and cfg.generation == "synced"
         self.engine = None
@@ -145,17 +150,17 @@ class DeepSpeedStrategy:
         return {"backend": "deepspeed", "zero_stage": self.zero_stage, "world_size": self.world_size,
                 "offload_optimizer": bool(self.cfg.offload_optimizer), "offload_param": bool(self.cfg.offload_param)}
 
-    def _config(self, trained: bool) -> dict:
+    def _config(self, role: str) -> dict:
         return deepspeed_config(self.cfg, precision=self.precision, micro_batch_size=self.micro_batch_size,
                                 grad_accum=self.grad_accum, world_size=self.world_size,
-                                max_grad_norm=self.max_grad_norm, trained=trained)
+                                max_grad_norm=self.max_grad_norm, role=role)
 
     @contextlib.contextmanager
-    def loading(self, trained: bool = True) -> Iterator[None]:
+    def loading(self, role: str = "trained") -> Iterator[None]:
         """`from_pretrained` inside builds ZeRO-3 models already partitioned (transformers runs it under
         `deepspeed.zero.Init` while an `HfDeepSpeedConfig` is alive), so no rank ever holds a whole model: what
-        lets a model larger than one device's (or one host's) memory load at all. `trained` picks the engine
-        config the model will be placed with (a frozen model's may offload its parameters). Function-scoped on
+        lets a model larger than one device's (or one host's) memory load at all. `role` (trained | reference |
+        reward) picks the engine config the model will be placed with (a frozen role may offload its parameters). Function-scoped on
         purpose: a global one would partition every later load too (gold classifiers, judges). Other stages:
         nothing to do, the engine takes a whole model."""
         if self.zero_stage != 3:
@@ -163,7 +168,7 @@ class DeepSpeedStrategy:
             return
         from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        hf_config = HfDeepSpeedConfig(self._config(trained))  # transformers keeps only a weak reference
+        hf_config = HfDeepSpeedConfig(self._config(role))  # transformers keeps only a weak reference
         try:
             yield
         finally:
@@ -175,20 +180,21 @@ class DeepSpeedStrategy:
 
         _to_device_unless_partitioned(model, self.device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self._config(trained=True))
+                                                    config=self._config("trained"))
         self._client_optimizer = optimizer
         return self.engine
 
-    def place(self, model: nn.Module) -> nn.Module:
-        """Frozen model: a ZeRO-3 eval engine (optionally parameter-offloaded) when the trained models are
-        ZeRO-3, else a replica on this rank's device (stage 0/1/2 keep full parameters on every rank anyway)."""
+    def place(self, model: nn.Module, role: str = "reference") -> nn.Module:
+        """Frozen model (`role` reference | reward): a ZeRO-3 eval engine (parameters on the CPU with
+        strategy.<role>_offload_param) when the trained models are ZeRO-3, else a replica on this rank's device
+        (stage 0/1/2 keep full parameters on every rank anyway)."""
         import deepspeed
 
         model.eval().requires_grad_(False)
         if self.zero_stage != 3:
             return model.to(self.device)
         _to_device_unless_partitioned(model, self.device)
-        engine, *_ = deepspeed.initialize(model=model, config=self._config(trained=False))
+        engine, *_ = deepspeed.initialize(model=model, config=self._config(role))
         engine.eval()
         return engine
 

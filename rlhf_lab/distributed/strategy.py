@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rlhf_lab.distributed import comm
+from rlhf_lab.utils.cache import load_state_file
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,9 +66,9 @@ class Strategy(Protocol):
     @property
     def is_main(self) -> bool: ...
     def describe(self) -> dict: ...
-    def loading(self, trained: bool = True) -> contextlib.AbstractContextManager: ...
+    def loading(self, role: str = "trained") -> contextlib.AbstractContextManager: ...
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> nn.Module: ...
-    def place(self, model: nn.Module) -> nn.Module: ...
+    def place(self, model: nn.Module, role: str = "reference") -> nn.Module: ...
     def autocast(self) -> contextlib.AbstractContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> StepResult: ...
@@ -112,7 +113,7 @@ class TorchStrategy:
     def describe(self) -> dict:
         return {"backend": "torch", "zero_stage": 0, "world_size": self.world_size}
 
-    def loading(self, trained: bool = True) -> contextlib.AbstractContextManager:
+    def loading(self, role: str = "trained") -> contextlib.AbstractContextManager:
         """Models are loaded whole on every rank (DDP keeps full replicas anyway)."""
         return contextlib.nullcontext()
 
@@ -124,8 +125,8 @@ class TorchStrategy:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         return model
 
-    def place(self, model: nn.Module) -> nn.Module:
-        """A frozen model (reference, reward): a replica on this rank's device."""
+    def place(self, model: nn.Module, role: str = "reference") -> nn.Module:
+        """A frozen model (role reference | reward): a replica on this rank's device."""
         return model.to(self.device).eval().requires_grad_(False)
 
     def autocast(self):
@@ -164,16 +165,19 @@ class TorchStrategy:
         yield
 
     def save_state(self, directory: Path) -> None:
-        """Collective; DDP replicas are identical, so rank 0 writes one file."""
-        if self.is_main:
-            state = {"model": self.unwrap().state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                     "micro_step": self._micro}
-            torch.save(state, Path(directory) / "torch_state.pt")
-        comm.barrier()
+        """Collective; DDP replicas are identical, so rank 0 writes one file (and a failed write still reaches
+        the barrier, so the caller can agree on the failure across ranks)."""
+        try:
+            if self.is_main:
+                state = {"model": self.unwrap().state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                         "micro_step": self._micro}
+                torch.save(state, Path(directory) / "torch_state.pt")
+        finally:
+            comm.barrier()
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "torch_state.pt", map_location=self.device, weights_only=False)
+        state = load_state_file(Path(directory) / "torch_state.pt", map_location=self.device)
         self.unwrap().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

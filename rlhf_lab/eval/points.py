@@ -49,20 +49,24 @@ def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward
 
 
 class PointsWriter:
-    """Appends rows to `<run_dir>/points.csv` (header written once); each row is flushed as it is written."""
+    """Appends rows to `<run_dir>/points.csv` (header written once); each row is flushed as it is written. The
+    file appears with the first row: a run that fails before evaluating anything leaves no points table."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "a", newline="", buffering=1)
-        self._writer = csv.DictWriter(self._file, fieldnames=POINT_COLUMNS)
-        if new:
-            self._writer.writeheader()
+        self._file = None
 
     def write(self, row: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "a", newline="", buffering=1)
+            self._writer = csv.DictWriter(self._file, fieldnames=POINT_COLUMNS)
+            if new:
+                self._writer.writeheader()
         self._writer.writerow(row)
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -12,15 +12,16 @@ from pathlib import Path
 import torch
 
 from rlhf_lab.config import RunConfig
-from rlhf_lab.data.formats import load_preference_pairs
-from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt, tokenize_pairs
+from rlhf_lab.algos.preference import UNPAIRED_LOSSES
+from rlhf_lab.data.formats import is_unpaired, load_preference_records, parse_examples
+from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt, tokenize_pairs, tokenize_unpaired
 from rlhf_lab.distributed.strategy import resolve_device
 from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
 from rlhf_lab.recipes import stages
 from rlhf_lab.recipes.run import RunContext, seed_everything, trainer_strategy
+from rlhf_lab.recipes.stage_keys import base_model_key, source_data_key
 from rlhf_lab.trainers.loop import accumulation_steps
-from rlhf_lab.utils.cache import stable_hash
-from rlhf_lab.utils.errors import UserError
+from rlhf_lab.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,28 @@ def sft_or_base(cfg: RunConfig, task, used: list) -> tuple[Path, str]:
                                stage_training(cfg))
         used.append(sft)
         return sft.dir, sft.key
-    return Path(cfg.model.name_or_path), stable_hash({"model": cfg.model.name_or_path})
+    return Path(cfg.model.name_or_path), base_model_key(cfg.model.name_or_path)
+
+
+def user_records(cfg: RunConfig) -> tuple[list[dict], str] | None:
+    """The user's dataset (`data.source`), read and checked against the loss before any stage trains: an
+    unpaired (prompt/completion/label) file trains only unpaired losses (KTO)."""
+    if cfg.data.source is None:
+        return None
+    records, name = load_preference_records(cfg.data.source, cfg.data.split)
+    if is_unpaired(records) and cfg.algo.loss_type not in UNPAIRED_LOSSES:
+        raise ConfigError(
+            f"data.source {name}: unpaired rows (prompt/completion/label) train only algo.loss_type in "
+            f"{sorted(UNPAIRED_LOSSES)}, not {cfg.algo.loss_type!r}; paired losses need prompt/chosen/rejected")
+    return records, name
 
 
 def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
-    """Build or reuse every stage this run needs; return tokenised pairs and the cached reference table."""
+    """Build or reuse every stage this run needs; return tokenised pairs (or, for an unpaired KTO dataset,
+    tokenised examples) and the cached reference table."""
     cache = Path(cfg.cache_dir)
     used: list[stages.StageOutput] = []
+    user = user_records(cfg)
     task = None
     if cfg.task.name == "imdb":
         task, task_out = stages.task_stage(cfg.task, cfg.reward.gold, cache)
@@ -73,11 +89,13 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
                                         cfg.reward.gold, cfg.task.seed, device)
         used.append(prefs)
         source, data_key = str(prefs.dir / "pairs.jsonl"), prefs.key
+        user = load_preference_records(source)
     else:
-        source, data_key = cfg.data.source, stable_hash({"source": cfg.data.source, "split": cfg.data.split})
-    pairs, report = load_preference_pairs(source, cfg.data.split, tokenizer)
+        source, data_key = cfg.data.source, source_data_key(cfg.data.source, cfg.data.split)
+    pairs, report = parse_examples(*user, tokenizer)
     trunc = TruncationConfig(cfg.data.max_prompt_length, cfg.data.max_completion_length, cfg.data.truncation)
-    tokenized, tok_report = tokenize_pairs(pairs, tokenizer, trunc, source=source)
+    tokenize = tokenize_unpaired if is_unpaired(user[0]) else tokenize_pairs
+    tokenized, tok_report = tokenize(pairs, tokenizer, trunc, source=source)
     log.info("%s", report.summary())
     log.info("%s", tok_report.summary())
     if cfg.data.max_pairs is not None:
@@ -121,10 +139,10 @@ def train_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     accum = accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, "train.batch_size")
     strategy = trainer_strategy(cfg, accum, cfg.optim.max_grad_norm, cfg.train.micro_batch_size)
     data = prepare_data(cfg, resolve_device(cfg.train.device))
-    with strategy.loading(trained=False):    # ZeRO-3: built partitioned, never whole on one rank
+    with strategy.loading("reference"):    # ZeRO-3: built partitioned, never whole on one rank
         reference = freeze(load_causal_lm(data.reference_dir))
     seed_everything(cfg.seed)
-    with strategy.loading(trained=True):
+    with strategy.loading("trained"):
         policy = load_causal_lm(data.reference_dir)
     inputs = DPOInputs(policy, reference, data.tokenizer, data.pairs, data.reference_table,
                        data.eval_prompt_ids, data.gold, ctx.identity)

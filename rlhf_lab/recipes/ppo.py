@@ -30,7 +30,7 @@ def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokeniz
     with an EMA reference in the penalty. Loaded inside `strategy.loading` (ZeRO-3: partitioned as they are
     built, so no rank holds a whole model); frozen roles are loaded afresh, never deep-copied."""
     a: PPOConfig = cfg.algo
-    with strategy.loading(trained=True):
+    with strategy.loading("trained"):
         actor = load_causal_lm(sft_dir)
         if a.critic_init == "reward_model":
             critic, _ = load_scalar_model(rm_dir)
@@ -39,18 +39,19 @@ def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokeniz
             # an explicit generator: the head must not depend on how much global RNG the (cached or not) stages
             # used
             init_scalar_head(critic, generator=torch.Generator().manual_seed(cfg.seed))
-    with strategy.loading(trained=False):
+    with strategy.loading("reference"):
         reference = freeze(load_causal_lm(sft_dir))
         eval_reference = freeze(load_causal_lm(sft_dir)) if a.ema_reference_decay is not None else reference
-        if a.reward == "learned":
+    if a.reward == "learned":
+        with strategy.loading("reward"):
             rm, normalization = load_scalar_model(rm_dir)
-            reward = LearnedRewardSource(freeze(rm), load_tokenizer(rm_dir), tokenizer, normalization, None,
-                                         apply_normalization=a.normalize_reward)
-    if a.reward == "gold":
+        reward = LearnedRewardSource(freeze(rm), load_tokenizer(rm_dir), tokenizer, normalization, None,
+                                     apply_normalization=a.normalize_reward)
+    elif a.reward == "gold":
         if gold is None:
             raise ConfigError("algo.reward=gold (PPO-GT) needs a task with a gold reward (task=imdb)")
         reward = GoldRewardSource(gold)
-    elif a.reward != "learned":
+    else:
         reward = CallableRewardSource(a.reward_callable)
     return PPOModels(actor, critic, reference, reward), eval_reference
 
@@ -65,7 +66,7 @@ def place_ppo_models(cfg: RunConfig, models: PPOModels, eval_reference, actor_s,
     models.reference = actor_s.place(models.reference)
     eval_reference = actor_s.place(eval_reference) if separate_eval_reference else models.reference
     if isinstance(models.reward, LearnedRewardSource):
-        models.reward.model = actor_s.place(models.reward.model)
+        models.reward.model = actor_s.place(models.reward.model, role="reward")
         models.reward.device = actor_s.device
     return models, eval_reference
 

@@ -20,13 +20,13 @@ from typing import Callable
 import torch
 
 from rlhf_lab.config import ModelConfig, OptimConfig, PreferenceGenConfig, SFTConfig, TaskConfig
-from rlhf_lab.data.batches import TokenizedPair
-from rlhf_lab.data.collate import collate_pairs
+from rlhf_lab.data.batches import TokenizedUnpaired
+from rlhf_lab.data.collate import collate_pairs, collate_sequences
 from rlhf_lab.data.tokenize import TruncationConfig
 from rlhf_lab.distributed import comm
 from rlhf_lab.models.build import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf_lab.models.logprobs import sequence_logps
-from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_dir, is_complete, stable_hash
+from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_dir, is_complete, load_state_file, stable_hash
 from rlhf_lab.utils.lock import file_lock
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,29 @@ class StageTraining:
                 "max_grad_norm": max_grad_norm}
 
 
+# The key builders: every input that changes a stage's output (tests/test_stage_keys.py walks the config schema
+# against the table in recipes/stage_keys.py). Upstream stages enter through their hashes.
+def sft_key(tokenizer_key: str, model_cfg: ModelConfig, sft_cfg: SFTConfig, seed: int, training_key: dict) -> dict:
+    return {"task": tokenizer_key, "model": asdict(model_cfg), "sft": asdict(sft_cfg), "seed": seed,
+            "training": training_key}
+
+
+def preference_key(task_key: str, model_key: str, gen_cfg: PreferenceGenConfig, gold_name: str, seed: int) -> dict:
+    # task_key: the full task (its train prompts are what is sampled), not only the tokenizer the model was built on
+    return {"task": task_key, "model": model_key, "gen": asdict(gen_cfg), "gold": gold_name, "seed": seed}
+
+
+def reference_logps_key(reference_key: str, data_key: str, trunc: TruncationConfig, unpaired: bool = False) -> dict:
+    return {"reference": reference_key, "data": data_key, "tokenization": asdict(trunc), "temperature": 1.0,
+            **({"layout": "unpaired"} if unpaired else {})}
+
+
+def reward_model_key(sft_key_hash: str, prefs_key: str, rm_cfg, trunc: TruncationConfig, seed: int,
+                     training_key: dict) -> dict:
+    return {"sft": sft_key_hash, "prefs": prefs_key, "rm": asdict(rm_cfg), "tokenization": asdict(trunc),
+            "seed": seed, "training": training_key}
+
+
 def sft_stage(cache_dir: Path, task, task_key: str, model_cfg: ModelConfig, sft_cfg: SFTConfig, seed: int,
               training: StageTraining) -> StageOutput:
     """Fine-tune the base model on the task's train text (data-parallel over all ranks); HF checkpoint +
@@ -149,8 +172,7 @@ def sft_stage(cache_dir: Path, task, task_key: str, model_cfg: ModelConfig, sft_
 
     # task_key: the tokenizer's key, which fixes the train texts and their tokenisation (not the prompt counts);
     # SFT clips at optim.max_grad_norm
-    key = {"task": task_key, "model": asdict(model_cfg), "sft": asdict(sft_cfg), "seed": seed,
-           "training": training.key(training.optim.max_grad_norm)}
+    key = sft_key(task_key, model_cfg, sft_cfg, seed, training.key(training.optim.max_grad_norm))
 
     def build(out: Path) -> None:
         tokenizer = load_tokenizer(task.tokenizer_path)
@@ -176,7 +198,7 @@ def preference_stage(cache_dir: Path, task, model_key: str, model_dir: Path, gen
     """Sample k completions per train prefix from the SFT model and label every pair with the gold reward."""
     from rlhf_lab.recipes.prefgen import generate_preferences
 
-    key = {"model": model_key, "gen": asdict(gen_cfg), "gold": gold_name, "seed": seed}
+    key = preference_key(task.key, model_key, gen_cfg, gold_name, seed)
 
     def build(out: Path) -> None:
         tokenizer = load_tokenizer(model_dir)
@@ -190,21 +212,29 @@ def preference_stage(cache_dir: Path, task, model_key: str, model_dir: Path, gen
 
 # ---------------------------------------------------------------------------------------------------- ref
 def reference_logps_stage(cache_dir: Path, reference_key: str, reference_dir: Path, data_key: str,
-                          pairs: list[TokenizedPair], num_rows: int, pad_id: int, trunc: TruncationConfig,
+                          items: list, num_rows: int, pad_id: int, trunc: TruncationConfig,
                           device: torch.device, batch_size: int = 64) -> tuple[StageOutput, torch.Tensor]:
-    """Σ log π_ref over completion tokens for every pair, computed once per (reference, dataset, tokenisation).
+    """Σ log π_ref over completion tokens for every row, computed once per (reference, dataset, tokenisation).
 
-    Returns a (num_rows, 2) float32 table [chosen, rejected] indexed by the dataset row (NaN for skipped rows),
-    shared by every run of a β sweep. Temperature 1: the DPO family scores the untempered reference.
+    Pairs (TokenizedPair) give a (num_rows, 2) float32 table [chosen, rejected]; unpaired KTO rows
+    (TokenizedUnpaired) a (num_rows,) table. Indexed by the dataset row (NaN for skipped rows), shared by every
+    run of a β sweep. Temperature 1: the DPO family scores the untempered reference.
     """
-    key = {"reference": reference_key, "data": data_key, "tokenization": asdict(trunc), "temperature": 1.0}
+    unpaired = bool(items) and isinstance(items[0], TokenizedUnpaired)
+    key = reference_logps_key(reference_key, data_key, trunc, unpaired)
 
     def build(out: Path) -> None:
         reference = load_causal_lm(reference_dir).to(device).eval()
-        table = torch.full((num_rows, 2), float("nan"))
+        table = torch.full((num_rows,) if unpaired else (num_rows, 2), float("nan"))
         with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start:start + batch_size]
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                if unpaired:
+                    rows = torch.tensor([it.index for it in chunk])
+                    seqs = collate_sequences([it.prompt_ids for it in chunk], [it.completion_ids for it in chunk],
+                                             pad_id)
+                    table[rows] = sequence_logps(reference, seqs.to(device)).float().cpu()
+                    continue
                 batch = collate_pairs(chunk, pad_id).to(device)
                 logps = sequence_logps(reference, batch.sequences).float().cpu()
                 n = len(chunk)
@@ -213,7 +243,7 @@ def reference_logps_stage(cache_dir: Path, reference_key: str, reference_dir: Pa
         torch.save(table, out / "reference_logps.pt")
 
     stage = cached_stage(cache_dir, "reference_logps", key, build)
-    return stage, torch.load(stage.dir / "reference_logps.pt")
+    return stage, load_state_file(stage.dir / "reference_logps.pt")
 
 
 # ---------------------------------------------------------------------------------------------------- RM
@@ -239,8 +269,7 @@ def reward_model_stage(cache_dir: Path, sft_key: str, sft_dir: Path, prefs_key: 
     )
 
     validate_reward_config(rm_cfg)
-    key = {"sft": sft_key, "prefs": prefs_key, "rm": asdict(rm_cfg), "tokenization": asdict(trunc), "seed": seed,
-           "training": training.key(rm_cfg.max_grad_norm)}
+    key = reward_model_key(sft_key, prefs_key, rm_cfg, trunc, seed, training.key(rm_cfg.max_grad_norm))
 
     def build(out: Path) -> None:
         tokenizer = load_tokenizer(sft_dir)

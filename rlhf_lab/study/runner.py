@@ -105,20 +105,69 @@ def load_study(name: str) -> dict:
     if not path.is_file():
         available = sorted(p.stem for p in (Path(CONF_DIR) / "studies").glob("*.yaml"))
         raise ConfigError(f"study {name!r} not found at {path}; available studies: {', '.join(available)}")
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"study file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    validate_study_spec(spec, f"study file {path}")
+    return spec
+
+
+def validate_study_spec(spec, where: str) -> None:
+    """Every key of a study file, checked before anything runs: a typo or an empty sweep is an error naming
+    it, never a silently smaller study."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {type(spec).__name__}")
     for key in ("name", "arms"):
         if key not in spec:
-            raise ConfigError(f"study file {path}: missing key '{key}'")
+            raise ConfigError(f"{where}: missing key '{key}'")
     unknown = set(spec) - set(STUDY_KEYS)
     if unknown:
-        raise ConfigError(f"study file {path}: unknown key(s) {', '.join(sorted(unknown))} "
-                          f"(expected {', '.join(STUDY_KEYS)})")
-    for arm, arm_spec in spec["arms"].items():
-        for key in arm_spec or {}:
-            if key not in ("overrides", "sweep"):
-                raise ConfigError(f"study file {path}: arm '{arm}' has unknown key '{key}' (expected overrides, sweep)")
-    study_resources(spec, f"study file {path}")
-    return spec
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected {', '.join(STUDY_KEYS)})")
+    if not isinstance(spec["name"], str) or not spec["name"].strip() or "/" in spec["name"]:
+        raise ConfigError(f"{where}: 'name' must be a non-empty string without '/', got {spec['name']!r}")
+    _check_list(spec.get("overrides", []), str, f"{where}: 'overrides'", "strings (Hydra overrides)")
+    _check_list(spec.get("seeds", [0]), int, f"{where}: 'seeds'", "integers", non_empty=True)
+    if len(set(spec.get("seeds", [0]))) != len(spec.get("seeds", [0])):
+        raise ConfigError(f"{where}: 'seeds' has duplicates: {spec['seeds']}")
+    jobs = spec.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"{where}: 'jobs' must be an integer >= 1, got {jobs!r}")
+    arms = spec["arms"]
+    if not isinstance(arms, dict) or not arms:
+        raise ConfigError(f"{where}: 'arms' must be a non-empty mapping of arm name -> {{overrides, sweep}}")
+    for arm, arm_spec in arms.items():
+        _check_arm(arm, arm_spec or {}, where)
+    study_resources(spec, where)
+    run_ids = [p.run_id for p in sweep_points(spec, [])]
+    duplicates = sorted({r for r in run_ids if run_ids.count(r) > 1})
+    if duplicates:
+        raise ConfigError(f"{where}: sweep values that print alike give duplicate run ids {duplicates}; "
+                          "make the values distinct")
+
+
+def _check_arm(arm, arm_spec, where: str) -> None:
+    if not isinstance(arm, str) or not arm or "/" in arm:
+        raise ConfigError(f"{where}: arm name {arm!r} must be a non-empty string without '/'")
+    if not isinstance(arm_spec, dict):
+        raise ConfigError(f"{where}: arm '{arm}' must be a mapping with keys overrides, sweep")
+    for key in arm_spec:
+        if key not in ("overrides", "sweep"):
+            raise ConfigError(f"{where}: arm '{arm}' has unknown key '{key}' (expected overrides, sweep)")
+    _check_list(arm_spec.get("overrides", []), str, f"{where}: arm '{arm}' overrides", "strings (Hydra overrides)")
+    sweep = arm_spec.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{where}: arm '{arm}' sweep must be a mapping of config key -> list of values")
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: arm '{arm}' sweep key '{key}' must be a non-empty list of values, got "
+                              f"{values!r} (an empty list would silently drop the arm)")
+
+
+def _check_list(value, kind: type, where: str, what: str, non_empty: bool = False) -> None:
+    ok = isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    if not ok or (non_empty and not value):
+        raise ConfigError(f"{where} must be a {'non-empty ' if non_empty else ''}list of {what}, got {value!r}")
 
 
 def _fmt(value) -> str:
@@ -207,6 +256,10 @@ def study_main(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     opts = parse_study_args(args)
     spec = load_study(opts.name)
+    if spec.get("judges") is not None and opts.phase in ("all", "aggregate"):
+        from rlhf_lab.study.judging import validate_judges_spec
+
+        validate_judges_spec(spec["judges"])
     points = sweep_points(spec, opts.overrides)
     if not points:
         raise ConfigError(f"study {opts.name!r} has no sweep points (check its arms and seeds)")

@@ -38,20 +38,31 @@ class DPOInputs:
     policy: torch.nn.Module            # trained; starts as a copy of the reference (the SFT model)
     reference: torch.nn.Module         # frozen, eval mode
     tokenizer: object
-    train_pairs: list[TokenizedPair]
-    reference_table: Optional[torch.Tensor]   # (num_rows, 2) cached Σ log π_ref [chosen, rejected]
+    train_pairs: list[TokenizedPair] | list[TokenizedUnpaired]   # unpaired: a KTO-style dataset
+    reference_table: Optional[torch.Tensor]   # cached Σ log π_ref: (num_rows, 2) [chosen, rejected] for pairs,
+                                              # (num_rows,) for unpaired data
     eval_prompt_ids: list[list[int]]   # held-out prompts (task test split)
     gold: object | None                # gold reward (None: KL-only evaluation)
     identity: RunIdentity
 
 
 def unpair(pairs: list[TokenizedPair]) -> list[TokenizedUnpaired]:
-    """Paired data → KTO rows: each chosen is desirable, each rejected undesirable (TRL's unpair_preference_dataset)."""
+    """Paired data → KTO rows: each chosen is desirable, each rejected undesirable (TRL's unpair_preference_dataset).
+    Row r's chosen gets index 2r, its rejected 2r + 1: their entries in the flattened (num_rows·2,) reference
+    table (`unpaired_table`)."""
     rows = []
     for p in pairs:
-        rows.append(TokenizedUnpaired(p.prompt_ids, p.chosen_ids, True, p.index))
-        rows.append(TokenizedUnpaired(p.prompt_ids, p.rejected_ids, False, p.index))
+        rows.append(TokenizedUnpaired(p.prompt_ids, p.chosen_ids, True, 2 * p.index))
+        rows.append(TokenizedUnpaired(p.prompt_ids, p.rejected_ids, False, 2 * p.index + 1))
     return rows
+
+
+def kto_items(items: list, table: Optional[torch.Tensor]) -> tuple[list[TokenizedUnpaired], Optional[torch.Tensor]]:
+    """What a KTO loss trains on: an unpaired dataset as it is, or paired data unpaired, with the reference
+    table in the matching (N,) layout ((num_rows, 2) row-major flattens to index 2r + [0 chosen | 1 rejected])."""
+    if items and isinstance(items[0], TokenizedUnpaired):
+        return items, table
+    return unpair(items), None if table is None else table.reshape(-1)
 
 
 def fixed_widths(pairs: list[TokenizedPair]) -> tuple[int, int]:
@@ -73,11 +84,17 @@ class DPOTrainer:
         self.policy = build_trained(strategy, inputs.policy, optim)
         # the compiled module shares the policy's parameters; evaluation keeps using the eager module
         self.train_model = torch.compile(self.policy) if train.compile else self.policy
-        self.min_widths = fixed_widths(inputs.train_pairs) if train.compile else None
         self.reference = strategy.place(inputs.reference)
         self.generator = torch.Generator().manual_seed(seed)
         self.unpaired = algo.loss_type in UNPAIRED_LOSSES
-        items = unpair(inputs.train_pairs) if self.unpaired else inputs.train_pairs
+        items, self.reference_table = inputs.train_pairs, inputs.reference_table
+        if self.unpaired:
+            items, self.reference_table = kto_items(items, self.reference_table)
+        elif items and isinstance(items[0], TokenizedUnpaired):
+            raise ValueError(f"loss_type {algo.loss_type!r} needs paired data (prompt/chosen/rejected); "
+                             f"unpaired rows train only {sorted(UNPAIRED_LOSSES)}")
+        # compiled paired batches are padded to one shape for the whole run (no recompiles)
+        self.min_widths = fixed_widths(items) if train.compile and not self.unpaired else None
         self.batches = GlobalBatches(items, train.batch_size, self.generator)
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", {"policy": strategy}, config_hash)
 
@@ -123,8 +140,9 @@ class DPOTrainer:
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, items) -> tuple[torch.Tensor, dict[str, float]]:
         if self.unpaired:
-            return self._unpaired_loss(collate_unpaired(items, self.inputs.tokenizer.pad_token_id))
-        table = None if self.algo.loss_type in REFERENCE_FREE_LOSSES else self.inputs.reference_table
+            return self._unpaired_loss(collate_unpaired(items, self.inputs.tokenizer.pad_token_id,
+                                                        self.reference_table))
+        table = None if self.algo.loss_type in REFERENCE_FREE_LOSSES else self.reference_table
         batch = collate_pairs(items, self.inputs.tokenizer.pad_token_id, table, self.min_widths)
         batch = batch.to(self.strategy.device)
         return self._paired_loss(batch)
@@ -169,7 +187,10 @@ class DPOTrainer:
         policy = sequence_logps(self.policy, batch.sequences)
         with torch.no_grad():
             policy_kl = sequence_logps(self.policy, batch.kl_sequences)
-            reference = sequence_logps(self.reference, batch.sequences)
+            # the matched sequences' reference log-probs come from the cached table when there is one; the
+            # mismatched (KL) sequences depend on the batch's composition and are always scored live
+            reference = batch.reference_logps if batch.reference_logps is not None else \
+                sequence_logps(self.reference, batch.sequences)
             reference_kl = sequence_logps(self.reference, batch.kl_sequences)
         logps = UnpairedLogps(policy=policy, reference=reference, labels=batch.labels,
                               policy_kl=policy_kl, reference_kl=reference_kl)

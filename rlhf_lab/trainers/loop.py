@@ -29,8 +29,8 @@ from rlhf_lab.distributed import comm
 from rlhf_lab.trainers.checkpoint import capture_rng, complete_checkpoints, restore_rng
 from rlhf_lab.trainers.errors import NonFiniteLossError, PreemptedError
 from rlhf_lab.trainers.optim import build_optimizer, warmup_schedule
-from rlhf_lab.utils.cache import COMPLETE_MARKER
-from rlhf_lab.utils.errors import ConfigError, UserError
+from rlhf_lab.utils.cache import COMPLETE_MARKER, load_state_file
+from rlhf_lab.utils.errors import ConfigError, StorageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,21 @@ class Checkpointer:
             for name in self.strategies:
                 (tmp / name).mkdir(parents=True)
         comm.barrier()
-        for name, strategy in self.strategies.items():
-            strategy.save_state(tmp / name)
-        torch.save(capture_rng(generators), tmp / f"rng-rank{comm.rank()}.pt")
-        if comm.is_main():
-            torch.save({"config_hash": self.config_hash, "layout": self.layout, "step": step,
-                        "trainer": trainer_state}, tmp / "state.pt")
+        error = None
+        try:
+            for name, strategy in self.strategies.items():
+                strategy.save_state(tmp / name)
+            torch.save(capture_rng(generators), tmp / f"rng-rank{comm.rank()}.pt")
+            if comm.is_main():
+                torch.save({"config_hash": self.config_hash, "layout": self.layout, "step": step,
+                            "trainer": trainer_state}, tmp / "state.pt")
+        except OSError as e:   # a full disk, a quota: agreed across ranks, so none waits in the next barrier
+            error = e
+        if comm.any_rank(error is not None):
+            previous = complete_checkpoints(self.root)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no checkpoint was kept"
+            raise StorageError(f"could not write checkpoint {final} ({error or 'failed on another rank'}); {kept}, "
+                               f"and rerunning resumes from it once there is space")
         comm.barrier()
         if comm.is_main():
             (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -220,7 +229,7 @@ class Checkpointer:
     def load(self, path: Path, generators: dict[str, torch.Generator]) -> dict:
         """Restore every strategy and this rank's RNG; return the trainer state. Refuses another configuration
         or another world layout (ZeRO partitions and data shards depend on both)."""
-        meta = torch.load(path / "state.pt", weights_only=False)
+        meta = load_state_file(path / "state.pt")
         if meta.get("config_hash") != self.config_hash:
             raise UserError(f"checkpoint {path} was written by a run with a different configuration; resuming it "
                             "would mix two experiments. Use another run directory, or force=true to start afresh")
@@ -230,7 +239,7 @@ class Checkpointer:
                             "force=true to start afresh")
         for name, strategy in self.strategies.items():
             strategy.load_state(path / name)
-        restore_rng(torch.load(path / f"rng-rank{comm.rank()}.pt", weights_only=False), generators)
+        restore_rng(load_state_file(path / f"rng-rank{comm.rank()}.pt"), generators)
         log.info("resumed from %s (step %d)", path, meta["step"])
         return meta["trainer"]
 

@@ -8,15 +8,22 @@ never leaves something that later looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
+from rlhf_lab.utils.errors import StorageError, UserError
+
 COMPLETE_MARKER = "_COMPLETE"
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}   # out of space, out of quota, read-only file system
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
@@ -49,6 +56,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                 return
             shutil.rmtree(final)  # a stale, incomplete leftover from a killed build
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in STORAGE_ERRNOS:
+            raise StorageError(f"could not write {final} ({e.strerror}: {e.filename or tmp}); nothing was "
+                               "published there and what was cached before is intact") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -61,3 +74,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def load_state_file(path: Path, map_location=None) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only. Anything else (a pickled object, which
+    would run code when loaded) is refused with a UserError naming the file."""
+    try:
+        return torch.load(Path(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refusing to load: it holds more than tensors and plain values (a pickled "
+                        f"object would run code when loaded; {str(e).splitlines()[0]})") from None

@@ -11,3 +11,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """An invalid data file or row; the message names the file, the row and the field."""
+
+
+class StorageError(UserError):
+    """A file could not be written (a full disk, a quota, permissions); the message names the file and says
+    what was kept intact."""

@@ -297,6 +297,13 @@ def _task_key(cfg: ImdbTaskConfig, data: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "imdb-task", "format": _TASK_FORMAT, "data": data, "cfg": asdict(cfg)}
 
 
+def task_hashes(cfg: ImdbTaskConfig, data: dict[str, Any] | None = None) -> dict[str, str]:
+    """The hashes naming the tokenizer, gold-reward and task directories, computed without building them."""
+    data = data_fingerprint() if data is None else data
+    return {"tokenizer": stable_hash(_tokenizer_key(cfg, data)), "gold": stable_hash(_gold_key(cfg, data)),
+            "task": stable_hash(_task_key(cfg, data))}
+
+
 # ------------------------------------------------------------------------------------------------- build
 
 
@@ -376,7 +383,8 @@ def build_imdb_task(cfg: ImdbTaskConfig, cache_root: Path) -> ImdbTask:
     data = data_fingerprint()
 
     tok_key, gold_key, task_key = _tokenizer_key(cfg, data), _gold_key(cfg, data), _task_key(cfg, data)
-    tok_hash, gold_hash, task_hash = stable_hash(tok_key), stable_hash(gold_key), stable_hash(task_key)
+    hashes = task_hashes(cfg, data)
+    tok_hash, gold_hash, task_hash = hashes["tokenizer"], hashes["gold"], hashes["task"]
     tok_dir = base / "tokenizer" / tok_hash
     gold_dir = base / "gold" / f"classifier-{gold_hash}" if cfg.gold == "classifier" else None
     task_dir = base / task_hash
