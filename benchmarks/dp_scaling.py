@@ -1,11 +1,15 @@
 """Data-parallel scaling on this machine: DPO and PPO throughput at 1 and 2 processes, per strategy.
 
 Every contestant is the real CLI on the embedded IMDb task's default policy (gpt2_tiny: 4 layers, 128 wide),
-with the same global batch and the same cores: 1 process × 2 torch threads against 2 processes × 1 thread each
-(torchrun, gloo), for DDP (strategy=torch) and DeepSpeed ZeRO-2 / ZeRO-3. Throughput is the median over the
-timed steps of the trainer's own `train/pairs_per_s` (DPO) or `train/episodes_per_s` (PPO) from metrics.jsonl,
-after `--warmup` steps; scaling efficiency = throughput(2) / (2 × throughput(1)). Peak RSS per rank comes from
-each run's summary.json. One run, contestants in turn, so the ratios are fair; the CPU flags are recorded.
+with the same global batch. Contestants per algorithm, in one run so the ratios are fair:
+  1p x 1t   one process, one torch thread: the baseline of the scaling efficiency
+  1p x 2t   one process, two threads: what the same two cores give without data parallelism
+  2p x 1t   two processes (torchrun, gloo), one thread each: DDP (strategy=torch), ZeRO-2 and ZeRO-3
+Throughput is the median over the timed steps of the trainer's own `train/pairs_per_s` (DPO) or
+`train/episodes_per_s` (PPO) from metrics.jsonl, after `--warmup` steps. Speed-up = throughput / throughput(1p x 1t);
+scaling efficiency = speed-up / cores used. The cached stages (SFT, preferences, reward model) are built by an
+untimed run first, so no contestant pays for them and peak RSS per rank (each run's summary.json) is the run's own.
+The CPU flags are recorded.
 
     python benchmarks/dp_scaling.py [--steps 24] [--warmup 4] [--out benchmarks/results/dp_scaling.json]
 """
@@ -38,20 +42,19 @@ def cpu_flags() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
-def run(algo: str, strategy: str, processes: int, steps: int, work: Path) -> Path:
-    run_dir = work / f"{algo}-{strategy}-{processes}p"
+def run(algo: str, strategy: str, processes: int, threads: int, steps: int, work: Path) -> Path:
+    run_dir = work / f"{algo}-{strategy}-{processes}p{threads}t"
     args = [*TASK, *ALGOS[algo][0], f"strategy={strategy}", f"train.steps={steps}", f"output_root={work}",
-            f"cache_dir={work / 'cache'}", f"hydra.run.dir={run_dir}", "force=true"]
+            f"cache_dir={work / 'cache'}", f"hydra.run.dir={run_dir}", "force=true", f"train.threads={threads}"]
     if processes == 1:
-        command = [str(Path(sys.executable).with_name("rlhf-lab")), *args, "train.threads=2"]
-        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        command = [str(Path(sys.executable).with_name("rlhf-lab")), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                   str(processes), "-m", "rlhf_lab.cli", *args, "train.threads=1"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=work, env={**env, "WANDB_MODE": "disabled"}, capture_output=True, text=True)
+                   str(processes), "-m", "rlhf_lab.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{algo} {strategy} {processes}p failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{algo} {strategy} {processes}p x {threads}t failed:\n{proc.stderr[-3000:]}")
     return run_dir
 
 
@@ -76,19 +79,25 @@ def main() -> int:
     results = {"cpu": cpu_flags(), "steps": args.steps, "warmup": args.warmup, "runs": []}
     for algo in args.algos:
         key = ALGOS[algo][1]
-        single = measure(run(algo, "torch", 1, args.steps, args.work), key, args.warmup)
-        results["runs"].append({"algo": algo, "strategy": "torch", "processes": 1, **single})
-        for strategy in args.strategies:
-            two = measure(run(algo, strategy, 2, args.steps, args.work), key, args.warmup)
-            two["efficiency"] = round(two["throughput"] / (2 * single["throughput"]), 3)
-            results["runs"].append({"algo": algo, "strategy": strategy, "processes": 2, **two})
+        run(algo, "torch", 1, 2, 2, args.work)   # builds (or finds) the cached stages; not timed
+        contestants = [("torch", 1, 1), ("torch", 1, 2)] + [(s, 2, 1) for s in args.strategies]
+        baseline = None
+        for strategy, processes, threads in contestants:
+            result = measure(run(algo, strategy, processes, threads, args.steps, args.work), key, args.warmup)
+            baseline = baseline or result["throughput"]
+            speedup = result["throughput"] / baseline
+            results["runs"].append({"algo": algo, "strategy": strategy, "processes": processes, "threads": threads,
+                                    **result, "speedup": round(speedup, 3),
+                                    "efficiency": round(speedup / (processes * threads), 3)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"CPU: {results['cpu']}")
-    print(f"{'algo':5} {'strategy':8} {'procs':>5} {'throughput':>11} {'efficiency':>10}  peak RSS/rank (MiB)")
+    print(f"{'algo':5} {'strategy':8} {'layout':>7} {'throughput':>11} {'speed-up':>9} {'efficiency':>10}  "
+          "peak RSS/rank (MiB)")
     for r in results["runs"]:
-        print(f"{r['algo']:5} {r['strategy']:8} {r['processes']:>5} {r['throughput']:>11.2f} "
-              f"{r.get('efficiency', ''):>10}  {r['peak_rss_mib_per_rank']}")
+        layout = f"{r['processes']}p x {r['threads']}t"
+        print(f"{r['algo']:5} {r['strategy']:8} {layout:>7} {r['throughput']:>11.2f} {r['speedup']:>9.3f} "
+              f"{r['efficiency']:>10.3f}  {r['peak_rss_mib_per_rank']}")
     return 0
 
 

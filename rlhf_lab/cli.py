@@ -37,8 +37,7 @@ _TASK_STARTED = False   # set when Hydra has composed the config and entered tra
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_app(raw: DictConfig) -> dict | None:
-    from rlhf_lab.config import validate_run_config
-    from rlhf_lab.recipes.run import run_alignment
+    from rlhf_lab.config import check_keys_are_read, override_keys, validate_run_config
 
     from rlhf_lab.distributed.comm import adopt_submitit_env
 
@@ -51,6 +50,9 @@ def train_app(raw: DictConfig) -> dict | None:
     _TASK_STARTED = True
     try:
         cfg = validate_run_config(raw)
+        check_keys_are_read(cfg, override_keys(list(hc.overrides.task)))
+        from rlhf_lab.recipes.run import run_alignment   # the heavy imports only once the config is valid
+
         summary = run_alignment(cfg, Path(hc.runtime.output_dir))
         log.info("run complete: %s (points: %s)", hc.runtime.output_dir, Path(hc.runtime.output_dir) / "points.csv")
         return summary

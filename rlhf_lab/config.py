@@ -265,10 +265,10 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
     _check(cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps)
     _check(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", cfg.train.checkpoint_every)
-    _check(
-        cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
-        "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}", cfg.train.batch_size,
-    )
+    if not isinstance(cfg.algo, PPOConfig):   # PPO's batch is algo.rollout_batch_size (checked with the algo)
+        _check(cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
+               "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}",
+               cfg.train.batch_size)
     _check(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
     _check(cfg.eval.temperature > 0, "eval.temperature", "> 0", cfg.eval.temperature)
     _check(cfg.preferences.temperature > 0, "preferences.temperature", "> 0", cfg.preferences.temperature)
@@ -306,6 +306,52 @@ def validate_reward_model(r: "RewardModelConfig") -> None:
     ]
     for ok, key, expected, value in checks:
         _check(ok, f"reward_model.{key}", expected, value)
+
+
+def unread_keys(cfg: RunConfig) -> dict[str, str]:
+    """Config keys (or group prefixes ending in '.') that this run never reads, with what it reads instead.
+    A user who sets one of them expects it to matter: `check_keys_are_read` makes that an error."""
+    unread: dict[str, str] = {}
+    a = cfg.algo
+    if isinstance(a, PPOConfig):
+        name = "algo.reward=gold (PPO-GT)" if a.reward == "gold" else f"algo={a.name}"
+        unread.update({
+            "train.batch_size": f"{name} takes algo.rollout_batch_size episodes per step",
+            "train.micro_batch_size": f"{name} uses algo.micro_batch_size",
+            "train.compile": "only the DPO family compiles its training forward",
+            "optim.lr": f"{name} uses algo.actor_lr and algo.critic_lr",
+            "optim.warmup_steps": f"{name} uses algo.warmup_steps",
+            "data.source": f"{name} samples its own completions on the task's prompts",
+            "data.split": f"{name} reads no preference dataset", "data.max_pairs": f"{name} reads no pairs",
+        })
+        if a.reward != "learned" and a.critic_init != "reward_model":
+            reason = f"with algo.reward={a.reward} and algo.critic_init={a.critic_init} no reward model is trained"
+            unread.update({"reward_model.": reason, "preferences.": reason})
+    else:
+        unread["reward_model."] = "the DPO family trains no reward model (algo=ppo does)"
+        if cfg.data.source is not None:
+            unread["preferences."] = "data.source replaces the generated preference pairs"
+    if cfg.task.name == "none":
+        unread.update({"sft.": "task=none has no SFT data: the model is used as it is",
+                       "reward.gold": "task=none has no gold reward", "preferences.": "task=none generates no pairs"})
+    elif not cfg.model.sft:
+        unread["sft."] = "model.sft=false skips the SFT stage"
+    return unread
+
+
+def check_keys_are_read(cfg: RunConfig, user_keys: list[str], where: str = "") -> None:
+    """Refuse a key the user set (an override, a sweep key) that the selected algorithm and data never read."""
+    unread = unread_keys(cfg)
+    for key in user_keys:
+        for prefix, reason in unread.items():
+            if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+                raise ConfigError(f"{where}config key '{key}' is set but never read: {reason}. Remove it (it would "
+                                  "be silently ignored)")
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The config keys named by Hydra override strings (`key=value`, `+key=value`, `~key`)."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")]
 
 
 def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:

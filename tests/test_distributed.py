@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from tests.cli import run_cli
 from tests.distributed import (assert_metrics_close, kill_after_checkpoint, run_torchrun, smoke_study_file,
                                train_metrics)
-from tests.test_pipeline_smoke import TINY
+from tests.test_pipeline_smoke import DPO_BATCH, TINY_BASE
 
 pytestmark = pytest.mark.integration
 
-CPU = [*TINY, "train.device=cpu"]
+CPU = [*TINY_BASE, "train.device=cpu"]
 PPO = ["algo=ppo", "train.steps=2", "eval.every=1", "algo.rollout_batch_size=8", "algo.micro_batch_size=2",
        "algo.num_mini_batches=2", "algo.ppo_epochs=2", "algo.response_length=10", "reward_model.steps=10",
        "reward_model.batch_size=8", "reward_model.normalization_samples=16", "train.save_model=false"]
@@ -42,7 +42,8 @@ def workspace(tmp_path_factory):
 
 
 def args(workspace: Path, run: str, *extra: str, cache: str = "cache") -> list[str]:
-    return [*CPU, *extra, f"output_root={workspace}", f"cache_dir={workspace / cache}",
+    batch = [] if "algo=ppo" in extra else DPO_BATCH   # PPO refuses the DPO family's batch keys
+    return [*CPU, *batch, *extra, f"output_root={workspace}", f"cache_dir={workspace / cache}",
             f"hydra.run.dir={workspace / run}"]
 
 
@@ -121,16 +122,18 @@ def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two
 
 @pytest.mark.parametrize("algo", ["dpo", "ppo"])
 def test_sigkill_and_resume_under_zero3(workspace, stages_two_ranks, algo):
-    extra = ["strategy=zero3", "train.checkpoint_every=1"]
-    extra += [*PPO, "train.steps=4"] if algo == "ppo" else ["train.steps=8"]
+    extra = ["strategy=zero3", "train.checkpoint_every=2", "eval.every=100"]   # evaluations at 0 and the end
+    extra += [*PPO, "train.steps=3"] if algo == "ppo" else ["train.steps=4"]
     straight = workspace / f"{algo}-z3-straight"
     run_torchrun(args(workspace, straight.name, *extra, cache="cache2"), workspace)
     killed = workspace / f"{algo}-z3-killed"
     kill_after_checkpoint(args(workspace, killed.name, *extra, cache="cache2"), workspace, step=2)
     assert (killed / "checkpoints" / "step-000002" / "_COMPLETE").exists()
     assert not (killed / "_COMPLETE").exists()
-    refused = run_cli(args(workspace, killed.name, *extra, cache="cache2"), workspace, check=False)
-    assert refused.returncode == 2 and "2 process(es), ZeRO-3" in refused.stdout + refused.stderr, refused.stderr[-2000:]
+    if algo == "dpo":   # the layout check is the trainers' shared Checkpointer: one algorithm shows it
+        refused = run_cli(args(workspace, killed.name, *extra, cache="cache2"), workspace, check=False)
+        assert refused.returncode == 2 and "2 process(es), ZeRO-3" in refused.stdout + refused.stderr, \
+            refused.stderr[-2000:]
     resumed = run_torchrun(args(workspace, killed.name, *extra, cache="cache2"), workspace)
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_metrics_close(train_metrics(killed), train_metrics(straight), 0.0, 0.0)

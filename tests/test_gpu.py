@@ -10,7 +10,7 @@ import torch
 
 from tests.cli import run_cli
 from tests.distributed import run_torchrun
-from tests.test_pipeline_smoke import TINY
+from tests.test_pipeline_smoke import DPO_BATCH, TINY, TINY_BASE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -30,9 +30,10 @@ def test_bf16_autocast_loss_on_gpu_tracks_fp32(tiny_model):
 
 @pytest.mark.parametrize("algo", ["dpo", "ppo_gt"])
 def test_zero3_on_every_visible_gpu(tmp_path, algo):
-    extra = ["algo.rollout_batch_size=8", "algo.micro_batch_size=2", "algo.response_length=8"] if algo == "ppo_gt" else []
+    extra = ["algo.rollout_batch_size=8", "algo.micro_batch_size=2", "algo.response_length=8"] if algo == "ppo_gt" \
+        else DPO_BATCH
     run = tmp_path / algo
-    run_torchrun([*TINY, f"algo={algo}", *extra, "strategy=zero3", "train.device=cuda", "train.precision=bf16",
+    run_torchrun([*TINY_BASE, f"algo={algo}", *extra, "strategy=zero3", "train.device=cuda", "train.precision=bf16",
                   f"output_root={tmp_path}", f"hydra.run.dir={run}"], tmp_path, nproc=torch.cuda.device_count())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == torch.cuda.device_count() and summary["peak_gpu_mib"] > 0

@@ -17,12 +17,24 @@ from tests.cli import run_cli
 
 pytestmark = pytest.mark.integration
 
-TINY = [
+# tiny stages for every algorithm; the DPO family's batch keys separately (PPO reads algo.rollout_batch_size and
+# refuses train.batch_size as a key it never reads)
+TINY_BASE = [
     "model=gpt2_micro", "logger=none", "task.max_train_reviews=2000", "task.vocab_size=512",
     "task.num_train_prompts=48", "task.num_test_prompts=16", "sft.steps=20", "sft.batch_size=16", "sft.seq_len=32",
-    "preferences.max_new_tokens=12", "data.max_completion_length=13", "train.steps=3", "train.batch_size=8",
-    "train.micro_batch_size=4", "eval.every=2", "eval.max_new_tokens=12",
+    "preferences.max_new_tokens=12", "data.max_completion_length=13", "train.steps=3", "eval.every=2",
+    "eval.max_new_tokens=12",
 ]
+DPO_BATCH = ["train.batch_size=8", "train.micro_batch_size=4"]
+TINY = [*TINY_BASE, *DPO_BATCH]
+
+
+def without(args: list[str], *prefixes: str) -> list[str]:
+    """`args` less the overrides of keys under `prefixes` (keys a run would refuse as never read)."""
+    return [a for a in args if not a.startswith(prefixes)]
+
+
+WITH_SOURCE = without(TINY, "preferences.")   # data.source replaces the generated pairs
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +119,7 @@ def test_cpu_runs_are_deterministic(first_run, workspace):
     assert a == b
 
 
-@pytest.mark.parametrize("launcher", ["basic", "local"])   # local = joblib, two points in parallel
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("local", marks=pytest.mark.slow)])   # local = joblib
 def test_multirun_launcher_sweeps_beta(workspace, launcher):
     sweep = workspace / f"sweep_{launcher}"
     run_cli(["-m", *TINY, "train.steps=1", "eval.every=1", "algo.beta=0.05,1", f"output_root={workspace}",
@@ -116,7 +128,9 @@ def test_multirun_launcher_sweeps_beta(workspace, launcher):
     assert betas == [0.05, 1.0]
 
 
-@pytest.mark.parametrize("algo", ["ipo", "kto", "simpo", "orpo", "rpo"])
+# every loss is checked against hand-computed values in test_preference_losses.py; through the CLI, two here and
+# the rest with -m slow (CI budget)
+@pytest.mark.parametrize("algo", ["ipo", "kto", *(pytest.param(a, marks=pytest.mark.slow) for a in ("simpo", "orpo", "rpo"))])
 def test_family_members_train(workspace, algo):
     run_dir = workspace / f"fam_{algo}"
     run_cli([*TINY, f"algo={algo}", "train.steps=2", "eval.every=2", "train.save_model=false",
@@ -137,7 +151,7 @@ def test_wandb_offline_run_is_written(workspace):
 
 
 def test_missing_dataset_path_is_a_clear_error(workspace):
-    out = run_cli([*TINY, "data.source=/nonexistent/prefs.jsonl", f"output_root={workspace}",
+    out = run_cli([*WITH_SOURCE, "data.source=/nonexistent/prefs.jsonl", f"output_root={workspace}",
                    f"hydra.run.dir={workspace / 'bad'}"], workspace, check=False)
     assert out.returncode == 2
     assert "/nonexistent/prefs.jsonl" in out.stderr + out.stdout
@@ -152,7 +166,7 @@ def test_user_dataset_file_with_bad_rows_is_counted(workspace, first_run):
              {"prompt": "c", "chosen": 3, "rejected": "x"}]
     path = workspace / "user_prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = run_cli([*TINY, f"data.source={path}", "train.steps=1", "eval.every=1", "train.save_model=false",
+    out = run_cli([*WITH_SOURCE, f"data.source={path}", "train.steps=1", "eval.every=1", "train.save_model=false",
                    f"output_root={workspace}", f"hydra.run.dir={workspace / 'user'}"], workspace)
     log_text = out.stdout + out.stderr
     assert "kept 40/43 rows" in log_text
@@ -186,7 +200,7 @@ def test_unpaired_kto_dataset_end_to_end(workspace, first_run):
     rows += [{"prompt": "a", "completion": "b", "label": "yes"}, {"prompt": "c", "completion": "", "label": 1}]
     path = workspace / "unpaired.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    common = [*TINY, f"data.source={path}", "train.steps=2", "eval.every=2", "train.save_model=false",
+    common = [*WITH_SOURCE, f"data.source={path}", "train.steps=2", "eval.every=2", "train.save_model=false",
               f"output_root={workspace}"]
 
     refused = run_cli([*common, "algo=dpo", f"hydra.run.dir={workspace / 'unpaired_dpo'}"], workspace, check=False)

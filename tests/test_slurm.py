@@ -126,6 +126,7 @@ def job_times(cluster, job_id: str) -> list[tuple[str, str]]:
             for line in out.splitlines()]
 
 
+@pytest.mark.slow   # minutes of CI budget; run with `make test TEST_ARGS="-m slow"`
 def test_hydra_submitit_sweep_shares_stages_under_the_lock(slurm_cluster, tmp_path):  # noqa: F811
     """Two points submitted at once as a submitit array, on an empty stage cache: both run concurrently, one
     builds each shared stage and the other waits on the lock and reuses it."""
@@ -156,6 +157,7 @@ def wait_for_text(path: Path, text: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow   # minutes of CI budget; run with `make test TEST_ARGS="-m slow"`
 def test_time_limit_signal_checkpoints_requeues_and_resumes_ppo(slurm_cluster, array_study, tmp_path):  # noqa: F811
     """The template as a user submits it by hand: a PPO sweep point gets the time-limit warning (USR1 to the batch
     shell, what --signal=B:USR1@120 sends), checkpoints, exits 0, requeues itself, and the rerun resumes."""

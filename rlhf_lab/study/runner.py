@@ -29,7 +29,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
-from rlhf_lab.config import PPOConfig, RunConfig, to_container, validate_run_config
+from rlhf_lab.config import (PPOConfig, RunConfig, check_keys_are_read, override_keys, to_container,
+                             validate_run_config)
 from rlhf_lab.distributed import comm
 from rlhf_lab.study import record
 from rlhf_lab.study.points import PointLauncher, SweepPoint, run_points
@@ -200,6 +201,15 @@ def compose_run_config(overrides: list[str]) -> RunConfig:
         raise ConfigError(f"{e} (overrides: {' '.join(overrides)})") from None
 
 
+def check_arm_keys_are_read(spec: dict, points, configs: list[RunConfig]) -> None:
+    """An arm's own overrides and sweep keys must be read by that arm's runs (a `train.batch_size` sweep on a PPO
+    arm would sweep nothing); the study-wide overrides serve every arm, so each arm may leave some unread."""
+    for point, cfg in zip(points, configs):
+        arm = spec["arms"][point.arm] or {}
+        keys = override_keys(list(arm.get("overrides", []))) + list(arm.get("sweep") or {})
+        check_keys_are_read(cfg, keys, f"study arm '{point.arm}': ")
+
+
 def study_dir_of(cfg: RunConfig, spec: dict) -> Path:
     return Path(cfg.output_root) / spec["name"]
 
@@ -271,6 +281,7 @@ def study_main(args: list[str]) -> int:
             raise ConfigError(f"index={opts.index}: study {spec['name']!r} has {len(points)} points (0..{len(points) - 1})")
         points = [points[opts.index]]
     configs = [compose_run_config(p.overrides) for p in points]
+    check_arm_keys_are_read(spec, points, configs)
     study_dir = study_dir_of(configs[0], spec)
     if opts.launcher == "slurm":
         from rlhf_lab.study.slurm import submit_study
