@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def train_app(raw: DictConfig) -> dict | None:
         return summary
     except PreemptedError as e:  # SIGTERM/SIGUSR1: checkpoint written, clean exit; rerunning resumes
         log.warning("%s", e)
+        if e.requeue_signal is not None:   # under submitit: its handler checkpoints the job, requeues it and exits
+            signal.raise_signal(e.requeue_signal)
         sys.exit(0)
     except (UserError, NonFiniteLossError) as e:
         diverged = isinstance(e, NonFiniteLossError)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from rlhf_lab.study.slurm import submit_study
-from tests.cli import cli_env, run_cli
+from tests.cli import CONSOLE, cli_env, run_cli
 from tests.slurm_cluster import slurm_available, slurm_cluster  # noqa: F401 — the session fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,11 +150,22 @@ def test_hydra_submitit_sweep_shares_stages_under_the_lock(slurm_cluster, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ time limit
-def wait_for_text(path: Path, text: str, timeout: float) -> None:
+def wait_for(predicate, what: str, timeout: float = WAIT_S) -> None:
     deadline = time.time() + timeout
-    while not (path.is_file() and text in path.read_text(errors="replace")):
-        assert time.time() < deadline, f"{text!r} not in {path} after {timeout:.0f} s"
-        time.sleep(0.5)
+    while not predicate():
+        assert time.time() < deadline, f"{what} not seen after {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def wait_for_text(path: Path, text: str, timeout: float = WAIT_S) -> None:
+    wait_for(lambda: path.is_file() and text in path.read_text(errors="replace"), f"{text!r} in {path}", timeout)
+
+
+def restart_soon(cluster, job: str) -> None:
+    """slurmctld makes a requeued job wait ~2 minutes (BeginTime) before it may start again: shorten that to a
+    few seconds (not 0: slurmd rejects a relaunch in the same second as the revoked credential of the first)."""
+    wait_for(lambda: cluster.job_states(job).get(job) == "PENDING", f"job {job} pending again", 30)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
 
 
 @pytest.mark.slow   # minutes of CI budget; run with `make test TEST_ARGS="-m slow"`
@@ -177,12 +188,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_ppo(slurm_cluster, a
     wait_for_text(log, "step 0: gold", WAIT_S)                       # training has started
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     wait_for_text(log, "requeueing", WAIT_S)
-    # slurmctld makes a requeued job wait ~2 minutes (BeginTime) before it may start again: shorten that to a
-    # few seconds (not 0: slurmd rejects a relaunch in the same second as the revoked credential of the first)
-    deadline = time.time() + 30
-    while slurm_cluster.job_states(job).get(job) != "PENDING" and time.time() < deadline:
-        time.sleep(0.5)
-    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
+    restart_soon(slurm_cluster, job)
     states = slurm_cluster.wait([job], WAIT_S)
     text = log.read_text(errors="replace")
     assert states == {job: "COMPLETED"}, f"{states}\n{text[-3000:]}"
@@ -192,6 +198,49 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_ppo(slurm_cluster, a
     assert (run / "_COMPLETE").is_file()
     with open(run / "points.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 60]   # step 0 once (not re-evaluated on resume)
+
+
+def only_entry(directory: Path) -> Path:
+    entries = list(directory.iterdir())
+    assert len(entries) == 1, f"expected one entry in {directory}, found {sorted(e.name for e in entries)}"
+    return entries[0]
+
+
+@pytest.mark.slow   # minutes of CI budget; run with `make test TEST_ARGS="-m slow"`
+def test_hydra_submitit_requeue_resumes_into_its_own_run_directory(slurm_cluster, tmp_path):  # noqa: F811
+    """submitit's preemption signal (USR2, what `signal_delay_s` before the time limit sends) mid-training: the
+    point checkpoints at the end of its step, submitit requeues it, and the rerun resumes in the same
+    `<sweep dir>/0/` under the default, time-stamped hydra.sweep.dir (nothing pinned)."""
+    # no periodic checkpoint before the last step: a resume from step N ≥ 1 can only come from the signal's
+    sweep_cmd = [str(CONSOLE), "-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1",
+                 "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10", *TINY, "train.steps=300",
+                 "train.checkpoint_every=300", "eval.every=1000", f"output_root={tmp_path}", "algo.beta=0.1"]
+    sweep = subprocess.Popen(sweep_cmd, cwd=REPO, env={**cli_env(), **slurm_cluster.env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)     # waits for the array, as users see it
+    try:
+        wait_for(lambda: (tmp_path / "multirun").is_dir() and any((tmp_path / "multirun").iterdir()), "a sweep dir")
+        sweep_dir = only_entry(tmp_path / "multirun")
+        metrics = sweep_dir / "0" / "metrics.jsonl"
+        wait_for(lambda: metrics.is_file() and '"train/loss"' in metrics.read_text(), "a training step")
+        job, = {p.parent.name for p in (sweep_dir / ".submitit").glob("*/*_log.out")}   # one point: a plain job
+        # to the job steps (not --batch): submitit's handler lives in the Python process srun started
+        slurm_cluster.run("scancel", "--signal=USR2", job)
+        restart_soon(slurm_cluster, job)
+        out, _ = sweep.communicate(timeout=WAIT_S)
+    finally:
+        sweep.kill()
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((sweep_dir / ".submitit").glob("*/*_log.*")))
+    assert sweep.returncode == 0, f"{out[-3000:]}\n{logs[-3000:]}"
+    assert slurm_cluster.wait([job], 30) == {job: "COMPLETED"}     # the result is read before the job ends
+    assert only_entry(tmp_path / "multirun") == sweep_dir            # the rerun found the same time-stamped dir
+    run = sweep_dir / "0"
+    assert (run / "_COMPLETE").is_file()
+    signalled = re.search(r"USR2 received: will checkpoint.*?checkpointed at step (\d+)", logs, re.DOTALL)
+    assert signalled and "Requeued job" in logs, logs[-3000:]
+    assert re.search(rf"resumed from \S+ \(step {signalled[1]}\)", logs), logs[-3000:]
+    assert int(signalled[1]) >= 1
+    with open(run / "points.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 300]   # step 0 once (not re-evaluated)
 
 
 # ------------------------------------------------------------------------------------------ multi-process points

@@ -1,4 +1,5 @@
-"""The strategy's gradient accumulation reproduces one large-batch step; the warm-up schedule is linear."""
+"""The strategy's gradient accumulation reproduces one large-batch step; the warm-up schedule is linear;
+checkpoints refuse pickles and survive a full disk; a stop signal checkpoints before the run hands over."""
 from __future__ import annotations
 
 import copy
@@ -137,3 +138,34 @@ def test_a_full_disk_while_publishing_a_stage_publishes_nothing(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
     assert not (tmp_path / "stage" / "abc").exists() and not is_complete(tmp_path / "stage" / "abc")
     assert list((tmp_path / "stage").iterdir()) == []
+
+
+def test_submitits_preemption_signal_waits_for_the_checkpoint_then_reaches_submitit(monkeypatch):
+    """Under submitit its preemption signal (USR2) only asks for a stop at the end of the step; submitit's own
+    handler (requeue and exit) gets it once the run has checkpointed. Outside submitit, USR2 is left alone."""
+    import signal
+
+    from rlhf_lab.trainers.errors import PreemptedError
+    from rlhf_lab.trainers.loop import StopRequest
+
+    received = []
+
+    def submitit_handler(signum, _frame):   # the stand-in for submitit's checkpoint_and_try_requeue
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+        stop = StopRequest()
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+        stop.close()
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        stop = StopRequest()
+        signal.raise_signal(signal.SIGUSR2)
+        assert stop.agreed() and not received            # held back: the step finishes and checkpoints first
+        with pytest.raises(PreemptedError, match="checkpointed at step 3.*submitit requeues") as e:
+            stop.stop(3, "checkpoints")
+        signal.raise_signal(e.value.requeue_signal)      # what cli.train_app does once the run has unwound
+        assert received == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -292,13 +292,31 @@ class ResumableLoop:
             self.stop.stop(step, self.checkpoints.root)
 
 
+def submitit_signal() -> signal.Signals | None:
+    """The signal on which submitit's job process checkpoints its call, requeues the job and exits (USR2 unless
+    SUBMITIT_PREEMPT_SIGNAL says otherwise, submitit's own rule): None unless this process runs under submitit
+    and submitit's handler is in place."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    sig = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    return sig if callable(signal.getsignal(sig)) else None
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask for a checkpoint at the end
-    of the current step; ranks agree, since the signal may reach only some of them."""
+    of the current step; ranks agree, since the signal may reach only some of them.
+
+    Under submitit (Hydra's slurm launcher) its preemption signal asks the same. submitit's own handler would
+    requeue and exit at once, mid-step, losing every step since the last periodic checkpoint; so it is held back
+    and gets the signal only once the run has checkpointed and unwound (PreemptedError.requeue_signal)."""
 
     def __init__(self):
         self.signal_name: str | None = None
-        self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.submitit_signal = submitit_signal()
+        self._submitit_asked = False
+        # dict.fromkeys: SUBMITIT_PREEMPT_SIGNAL may name TERM or USR1 too, and a signal is hooked only once
+        signals = dict.fromkeys(s for s in (signal.SIGTERM, signal.SIGUSR1, self.submitit_signal) if s)
+        self._previous = {sig: signal.signal(sig, self._request) for sig in signals}
 
     def close(self) -> None:
         """Hand the signals back (a later phase of the same process installs its own, or dies by default)."""
@@ -307,6 +325,7 @@ class StopRequest:
 
     def _request(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        self._submitit_asked |= signum == self.submitit_signal
         log.warning("%s received: will checkpoint after the current step and exit", self.signal_name)
 
     def agreed(self) -> bool:
@@ -314,5 +333,9 @@ class StopRequest:
 
     def stop(self, step: int, where: Path) -> None:
         self.close()
+        # agreed like the stop itself: rank 0 (whose submitit handler alone requeues) may not have received it
+        requeue = comm.any_rank(self._submitit_asked)
+        then = "submitit requeues the job, which resumes from it" if requeue else "rerun the same command to resume"
         raise PreemptedError(f"received {self.signal_name or 'a stop request on another rank'}: checkpointed at "
-                             f"step {step} in {where}; rerun the same command to resume")
+                             f"step {step} in {where}; {then}",
+                             requeue_signal=self.submitit_signal if requeue else None)
