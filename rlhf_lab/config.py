@@ -42,6 +42,7 @@ class ModelConfig:
     config: dict[str, Any] = field(default_factory=dict)  # architecture kwargs (n_layer, n_embd, ...)
     dtype: str = "float32"              # weights dtype when loading: float32 | bfloat16
     sft: bool = True                    # run the task's SFT stage on this model before alignment
+    trust_remote_code: bool = False     # run a hub model's own Python code (auto_map); only for models you trust
 
 
 @dataclass

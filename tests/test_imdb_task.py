@@ -217,6 +217,19 @@ def test_interrupted_task_build_leaves_nothing_complete(task, cache_root, monkey
     assert is_complete(rebuilt.dir) and len(rebuilt.test_prompts) == 8
 
 
+def test_a_truncated_task_file_is_caught_and_the_task_rebuilt(task, cache_root, monkeypatch):
+    """Only the damaged directory is rebuilt (no tokenizer or classifier training), into the same task."""
+    cfg = ImdbTaskConfig(**dict(SMALL, num_test_prompts=8))
+    damaged = build_imdb_task(cfg, cache_root)
+    prompts = (damaged.dir / "prompts.json").read_bytes()
+    (damaged.dir / "prompts.json").write_bytes(prompts[: len(prompts) // 2])
+    _no_training(monkeypatch)
+    rebuilt = build_imdb_task(cfg, cache_root)
+    assert rebuilt.dir == damaged.dir and (rebuilt.dir / "prompts.json").read_bytes() == prompts
+    assert rebuilt.test_prompts == damaged.test_prompts
+    assert len(list((cache_root / "imdb").glob(f".damaged-{damaged.dir.name}-*"))) == 1
+
+
 def test_interrupted_gold_training_leaves_nothing_complete(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("classifier crashed")

@@ -42,6 +42,7 @@ DECLARED: dict[str, Declared] = {
     "task.num_test_prompts": WITH_TASK,
     "reward.gold": WITH_TASK,                                # labels the pairs; SFT never sees it
     "model.": FROM_SFT,
+    "model.trust_remote_code": NONE,                        # permission to load, not an input of any output
     "sft.": FROM_SFT,
     "preferences.": FROM_PREFERENCES,
     "data.source": stages("reference_logps"),               # the user's pairs replace the generated ones

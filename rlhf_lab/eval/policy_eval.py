@@ -72,7 +72,7 @@ def split_samples(tokenizer, seqs: SequenceBatch) -> tuple[list[str], list[str]]
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], gold, cfg: EvalConfig,
-                    proxy_reward=None, sync_finish: bool = False) -> EvalResult:
+                    proxy_reward=None, sync_finish: bool = False, progress: str = "evaluation") -> EvalResult:
     """Sample cfg.samples_per_prompt completions per prompt from `policy` and score them (see module doc).
 
     `proxy_reward` (a rewards.source.RewardSource, optional) also scores the samples: for PPO the learned reward
@@ -87,7 +87,7 @@ def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], g
     rows = comm.shard(list(range(len(prompts))))
     padded = rows + [rows[-1] if rows else 0] * (-(-len(prompts) // comm.world_size()) - len(rows))
     local = _score_rows(policy, reference, tokenizer, [prompts[i] for i in padded], uniforms[padded], gold, cfg,
-                        proxy_reward, sync_finish)
+                        proxy_reward, sync_finish, progress)
     local = {k: v[: len(rows)] for k, v in local.items()}
     shares = comm.all_gather_object(local)
     merged = {k: comm.unshard([s[k] for s in shares]) for k in local}
@@ -110,7 +110,7 @@ def evaluate_policy(policy, reference, tokenizer, prompt_ids: list[list[int]], g
 
 
 def _score_rows(policy, reference, tokenizer, prompts, uniforms, gold, cfg: EvalConfig, proxy_reward,
-                sync_finish: bool) -> dict[str, list]:
+                sync_finish: bool, progress: str) -> dict[str, list]:
     """Per-sample results for this rank's rows: KL both ways, length, EOS, texts, gold and proxy scores."""
     device = next(policy.parameters()).device
     was_training = policy.training
@@ -118,7 +118,7 @@ def _score_rows(policy, reference, tokenizer, prompts, uniforms, gold, cfg: Eval
     seqs = sample_completions(
         policy, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
-        uniforms=uniforms, sync_finish=sync_finish,
+        uniforms=uniforms, sync_finish=sync_finish, progress=f"{progress}: sampling",
     )
     kl_exact, kl_sampled = [], []
     for start in range(0, len(seqs), cfg.batch_size):

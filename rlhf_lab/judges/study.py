@@ -26,6 +26,7 @@ from rlhf_lab.judges.oracle import RecordScorer
 from rlhf_lab.judges.winrate import agreement
 from rlhf_lab.utils.cache import atomic_write_text
 from rlhf_lab.utils.errors import DataError
+from rlhf_lab.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,17 @@ def judge_study(study_dir: Path, judge_cfgs: list, cache_path: Path, *, n_boot: 
     scorer = RecordScorer(r for run in runs for r in run.records if r.get("gold") is not None)
     try:
         outcomes: dict[tuple[str, str], np.ndarray] = {}
-        for cfg in cfgs:
-            judge = build_judge(cfg, scorer=scorer, scorer_id="recorded-gold")
-            try:
-                for run in runs:
-                    row, outcomes[(run.run_id, cfg.name)] = _judge_run(judge, cfg, run, cache, n_boot, alpha, seed)
-                    rows.append(row)
-            finally:
-                judge.close()
+        with Progress("judging", len(cfgs) * len(runs), "run") as progress:
+            for cfg in cfgs:
+                judge = build_judge(cfg, scorer=scorer, scorer_id="recorded-gold")
+                try:
+                    for run in runs:
+                        row, outcomes[(run.run_id, cfg.name)] = _judge_run(judge, cfg, run, cache, n_boot, alpha,
+                                                                            seed)
+                        rows.append(row)
+                        progress.advance()
+                finally:
+                    judge.close()
         agreement_rows = _agreement_rows(runs, names, outcomes)
     finally:
         cache.close()

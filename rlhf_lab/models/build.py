@@ -12,6 +12,29 @@ from rlhf_lab.utils.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# transformers runs a checkpoint's own Python files (its `auto_map`) only with trust_remote_code=True. It stays off
+# unless the run's config sets model.trust_remote_code=true (`allow_remote_code`, called where a run or a study's
+# stages start), and is passed explicitly to every load, so nothing is executed or prompted for by default.
+_trust_remote_code = False
+
+
+def allow_remote_code(enabled: bool) -> None:
+    global _trust_remote_code
+    _trust_remote_code = bool(enabled)
+
+
+def remote_code_kwargs() -> dict:
+    return {"trust_remote_code": _trust_remote_code}
+
+
+def _loading_error(what: str, where: str | Path, e: Exception) -> UserError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return UserError(f"{where}: this {what} ships its own Python code, which runs only with "
+                         f"model.trust_remote_code=true; set it if you trust the model's source ({first})")
+    return UserError(f"could not load a {what} from {str(where)!r}: not a local checkpoint and not reachable on the "
+                     f"hub ({first})")
+
 
 def disable_dropout(model: nn.Module) -> None:
     """Dropout makes log-prob ratios noisy: off in every role (PPO detail 3, TRL's disable_dropout)."""
@@ -21,7 +44,10 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), **remote_code_kwargs())
+    except (OSError, ValueError) as e:
+        raise _loading_error("tokenizer", path, e) from None
     if tok.pad_token_id is None:
         raise UserError(f"tokenizer at {path} has no pad token; set one distinct from eos ({tok.eos_token!r})")
     tok.padding_side = "left"
@@ -37,7 +63,7 @@ def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    config = AutoConfig.for_model(cfg.arch, **dict(cfg.config), **special)
+    config = AutoConfig.for_model(cfg.arch, **dict(cfg.config), **special)   # a built-in architecture: no remote code
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     disable_dropout(model)
@@ -46,12 +72,9 @@ def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: 
 
 def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    except OSError as e:
-        raise UserError(
-            f"could not load a causal LM from {name_or_path!r}: not a local checkpoint and not reachable on the hub "
-            f"({str(e).splitlines()[0]})"
-        ) from None
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **remote_code_kwargs())
+    except (OSError, ValueError) as e:
+        raise _loading_error("causal LM", name_or_path, e) from None
     disable_dropout(model)
     return model
 

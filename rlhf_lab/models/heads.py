@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.distributed.strategy import is_wrapped, unwrap_module
-from rlhf_lab.models.build import disable_dropout
+from rlhf_lab.models.build import disable_dropout, remote_code_kwargs
 from rlhf_lab.utils.cache import atomic_write_text
 from rlhf_lab.utils.errors import UserError
 
@@ -49,7 +49,8 @@ def build_scalar_model(path_or_dir: str | Path, dtype: torch.dtype = torch.float
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the missing head / unused LM head are expected here; don't alarm the user
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path_or_dir), num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path_or_dir), num_labels=1, dtype=dtype,
+                                                                   **remote_code_kwargs())
     except OSError as e:
         raise UserError(
             f"could not build a scalar (reward/value) model from {str(path_or_dir)!r}: not a local checkpoint and not "
@@ -184,7 +185,7 @@ def load_scalar_model(directory: str | Path, dtype: torch.dtype = torch.float32
     """(model in eval mode with dropout off, normalization dict or None when none was saved)."""
     directory = Path(directory)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype, **remote_code_kwargs())
     except OSError as e:
         raise UserError(f"could not load a reward/value model from {str(directory)!r} "
                         f"({str(e).splitlines()[0]})") from None

@@ -17,6 +17,7 @@ import torch
 
 from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.data.collate import collate_sequences
+from rlhf_lab.utils.progress import track
 
 
 @torch.no_grad()
@@ -32,6 +33,7 @@ def sample_completions(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     sync_finish: bool = False,
+    progress: str | None = None,
 ) -> SequenceBatch:
     """One completion per prompt (repeat prompts for k samples). Returns (N, P + C) with C ≤ max_new_tokens.
     temperature=0 decodes greedily; a negative temperature is an error.
@@ -39,7 +41,7 @@ def sample_completions(
     uniforms: (N, max_new_tokens) in [0, 1) instead of drawing them from `generator` (a rank's rows of a matrix
     drawn for all ranks). sync_finish: the forwards are collectives (a ZeRO-3 engine that was not gathered), so
     every rank keeps stepping until all ranks' rows have finished; every rank must pass the same number of
-    batches."""
+    batches. progress: what to call this sampling in progress reports (None: silent, as inside a PPO step)."""
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if uniforms is None:
@@ -50,7 +52,8 @@ def sample_completions(
     model.eval()
     device = next(model.parameters()).device
     completions: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
+    starts = range(0, len(prompt_ids), batch_size)
+    for start in starts if progress is None else track(starts, progress, len(starts), "batch"):
         chunk = prompt_ids[start:start + batch_size]
         prompts = collate_sequences(chunk, [[] for _ in chunk], pad_id).to(device)
         completions.extend(_sample_chunk(model, prompts, eos_id, pad_id, max_new_tokens, temperature,

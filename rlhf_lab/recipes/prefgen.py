@@ -43,7 +43,7 @@ def generate_preferences(model, tokenizer, prompts: list[str], gold, cfg: Prefer
     generator = torch.Generator().manual_seed(seed)
     seqs = sample_completions(model, repeated, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              batch_size=cfg.batch_size, generator=generator)
+                              batch_size=cfg.batch_size, generator=generator, progress="preferences: sampling")
     completion_rows = [[t for t, m in zip(row, mask) if m] for row, mask in
                        zip(seqs.completion_ids.tolist(), seqs.completion_mask.tolist())]
     completions = tokenizer.batch_decode(completion_rows, skip_special_tokens=True)

@@ -26,12 +26,15 @@ from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.tracking.logger import RunLogger
 from rlhf_lab.tracking.run_info import write_run_info
-from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_write_text, is_complete, stable_hash
+from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_write_text, damage, is_complete, mark_complete, stable_hash
+from rlhf_lab.utils.errors import UserError
 from rlhf_lab.utils.lock import file_lock
+from rlhf_lab.utils.progress import reporting_to
 
 log = logging.getLogger(__name__)
 
 RUN_LOCK = ".run.lock"
+PROGRESS_FILE = "progress.json"   # the run's current phase, done / total, rate, ETA (utils/progress.py)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,8 +91,10 @@ def build_run_stages(cfg: RunConfig) -> list:
     """Build (or find in the cache) every shared stage the run `cfg` needs, without training: what a study's
     stages phase runs before its sweep points, so array jobs find them ready."""
     from rlhf_lab.recipes.dpo import prepare_data
+    from rlhf_lab.models.build import allow_remote_code
     from rlhf_lab.recipes.ppo import ppo_stages
 
+    allow_remote_code(cfg.model.trust_remote_code)
     if isinstance(cfg.algo, PPOConfig):
         return ppo_stages(cfg)[3]
     return prepare_data(cfg, resolve_device(cfg.train.device)).stages
@@ -101,17 +106,35 @@ def run_alignment(cfg: RunConfig, run_dir: Path) -> dict:
     A run with a checkpoint in its directory resumes from it (every trainer checkpoints). Rank 0 holds a lock on
     the directory, so two jobs given the same point (a requeued array task racing its first attempt) never write
     into it at once; `rlhf-lab status` reads the lock to tell running from interrupted."""
+    from rlhf_lab.models.build import allow_remote_code   # transformers: not for `rlhf-lab status`, which reads RUN_LOCK
+
     comm.init_process_group(resolve_device(cfg.train.device).type)
+    allow_remote_code(cfg.model.trust_remote_code)
     run_dir = Path(comm.broadcast_object(str(run_dir)))  # Hydra may time-stamp each rank's directory differently
     if comm.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = file_lock(run_dir / RUN_LOCK) if comm.is_main() else contextlib.nullcontext()
     with lock:
-        done = comm.broadcast_object(is_complete(run_dir) and not cfg.force)
+        done, problem = comm.broadcast_object(_finished(run_dir, cfg.force) if comm.is_main() else None)
+        if problem:
+            raise UserError(problem)
         if done:
             log.info("run %s is complete; skipping (force=true to rerun)", run_dir)
             return json.loads((run_dir / "summary.json").read_text())
-        return _run_locked(cfg, run_dir)
+        with reporting_to(run_dir / PROGRESS_FILE):
+            return _run_locked(cfg, run_dir)
+
+
+def _finished(run_dir: Path, force: bool) -> tuple[bool, str | None]:
+    """(finished, problem). A finished run is reused only while its files match the manifest written when it
+    finished; a damaged one is refused (its points would enter the study's table), never silently used."""
+    if force or not is_complete(run_dir):
+        return False, None
+    problem = damage(run_dir)
+    if problem is not None:
+        return False, (f"run {run_dir} finished but has been damaged since: {problem}. Rerun it with force=true "
+                       "(or delete the directory)")
+    return True, None
 
 
 def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
@@ -147,7 +170,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
                "strategy": to_container(cfg)["strategy"], **peak_memory(), **details}
     if comm.is_main():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        (run_dir / COMPLETE_MARKER).write_text("ok\n")
+        mark_complete(run_dir)
     comm.barrier()
     return summary
 

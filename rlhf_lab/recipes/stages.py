@@ -4,7 +4,9 @@
 
 A stage's directory is `<cache_dir>/<stage>/<hash of the config that determines it>`; it is built under a file
 lock (concurrent jobs wait instead of duplicating work) inside `atomic_dir` (a killed build leaves nothing
-that looks complete). Functions here take only the config groups they need.
+that looks complete). A published stage whose files no longer match its manifest, or whose key.json does not hash
+to its name, is moved aside and rebuilt on use (`utils.cache.reusable`). Functions here take only the config
+groups they need.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from rlhf_lab.data.tokenize import TruncationConfig
 from rlhf_lab.distributed import comm
 from rlhf_lab.models.build import build_causal_lm, load_causal_lm, load_tokenizer
 from rlhf_lab.models.logprobs import sequence_logps
-from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_dir, is_complete, load_state_file, stable_hash
+from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_dir, is_intact, load_state_file, reusable, stable_hash
 from rlhf_lab.utils.lock import file_lock
+from rlhf_lab.utils.progress import reporting_to, track
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +56,28 @@ def cached_stage(cache_dir: Path, stage: str, key_obj: dict, build: Callable[[Pa
     final = Path(cache_dir) / stage / key
     started = time.time()
     built = False
-    if not comm.broadcast_object(is_complete(final) if comm.is_main() else None):
+    if not comm.broadcast_object(is_intact(final) and _key_damage(final) is None if comm.is_main() else None):
         lock = file_lock(Path(cache_dir) / stage / f".{key}.lock") if comm.is_main() else contextlib.nullcontext()
         with lock:
-            # another process may have finished it while we waited
-            built = comm.broadcast_object(not is_complete(final) if comm.is_main() else None)
+            # another process may have finished it while we waited; a damaged copy is moved aside, never used
+            built = comm.broadcast_object(not reusable(final, _key_damage) if comm.is_main() else None)
             if built:
                 log.info("building stage %s (%s)", stage, key)
-                _build_published(final, key_obj, build, collective)
+                progress_file = stage_progress_file(cache_dir, stage, key)
+                with reporting_to(progress_file):
+                    _build_published(final, key_obj, build, collective)
+                if comm.is_main():
+                    progress_file.unlink(missing_ok=True)
     return StageOutput(stage, key, final, built, time.time() - started)
+
+
+def _key_damage(stage_dir: Path) -> str | None:
+    """A stage directory's key.json must hash to its name (the key it is looked up by)."""
+    try:
+        key = stable_hash(json.loads((stage_dir / "key.json").read_text()))
+    except (OSError, ValueError):
+        return "key.json is missing or unreadable"
+    return None if key == stage_dir.name else f"key.json hashes to {key}, not to the directory's name"
 
 
 def _build_published(final: Path, key_obj: dict, build: Callable[[Path], None], collective: bool) -> None:
@@ -89,6 +105,11 @@ def _build_on_ranks(build: Callable[[Path], None], tmp: Path, run: bool) -> None
     failed = [(r, m) for r, m in enumerate(messages) if m]
     if failed:
         raise RuntimeError(f"building the stage failed on rank {failed[0][0]}: {failed[0][1]}")
+
+
+def stage_progress_file(cache_dir: Path, stage: str, key: str) -> Path:
+    """Where a stage being built reports its progress (beside its lock; read by `rlhf-lab status`)."""
+    return Path(cache_dir) / stage / f".{key}.progress.json"
 
 
 def stage_checkpoints(cache_dir: Path, stage: str, key_obj: dict) -> Path:
@@ -226,8 +247,9 @@ def reference_logps_stage(cache_dir: Path, reference_key: str, reference_dir: Pa
     def build(out: Path) -> None:
         reference = load_causal_lm(reference_dir).to(device).eval()
         table = torch.full((num_rows,) if unpaired else (num_rows, 2), float("nan"))
+        starts = range(0, len(items), batch_size)
         with torch.no_grad():
-            for start in range(0, len(items), batch_size):
+            for start in track(starts, "reference log-probs", len(starts), "batch"):
                 chunk = items[start:start + batch_size]
                 if unpaired:
                     rows = torch.tensor([it.index for it in chunk])

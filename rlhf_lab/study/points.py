@@ -16,8 +16,10 @@ from rlhf_lab.distributed import comm
 from rlhf_lab.study import record
 from rlhf_lab.trainers.errors import PreemptedError
 from rlhf_lab.utils.cache import atomic_write_text
+from rlhf_lab.utils.progress import MODE_ENV, Progress, reporting_to
 
 log = logging.getLogger(__name__)
+STUDY_PROGRESS = "progress.json"    # <study_dir>/progress.json: runs done / total, rate, ETA (rlhf-lab status)
 
 
 @dataclass
@@ -105,12 +107,16 @@ def _log_lines_as(run_id: str) -> None:
         handler.setFormatter(logging.Formatter(f"[%(asctime)s {run_id}] %(message)s", datefmt="%H:%M:%S"))
 
 
-def _die_with_parent() -> None:
+def _init_worker() -> None:
     """Pool initializer: on Linux a worker gets SIGTERM when the study process dies (killed, job cancelled), instead
-    of training on as an orphan; a PPO run then checkpoints and stops."""
+    of training on as an orphan (its run then checkpoints and stops); several workers share one terminal, so they
+    report progress as lines, not as bars that would overwrite each other."""
     import ctypes
     import signal
     import sys
+
+    if os.environ.get(MODE_ENV) != "off":
+        os.environ[MODE_ENV] = "lines"
 
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
@@ -121,26 +127,29 @@ def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Pa
     """Every sweep point, `jobs` at a time (separate processes splitting the cores); returns the failed run ids."""
     started, failures = time.time(), []
     launcher.threads = max(1, (os.cpu_count() or 1) // (jobs * launcher.processes))
-    if jobs == 1:
-        for point, cfg in zip(points, configs):
-            log.info("=== %s", point.run_id)
-            try:
-                launcher.run(point, study_dir, cfg)
-            except PreemptedError:
-                raise
-            except Exception as e:  # one failed point must not stop the others
-                failures.append(point.run_id)
-                log.error("run %s failed: %s (details in %s)", point.run_id, e,
-                          study_dir / "runs" / point.run_id / "error.txt")
-    else:
-        # longest first (PPO's four models cost more per step than DPO's two): a shorter tail when jobs > 1
-        longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, PPOConfig))
-        failures = _run_pool([p for p, _ in longest_first], study_dir, jobs, launcher)
+    with reporting_to(study_dir / STUDY_PROGRESS), Progress("study runs", len(points), "run") as progress:
+        if jobs == 1:
+            for point, cfg in zip(points, configs):
+                log.info("=== %s", point.run_id)
+                try:
+                    launcher.run(point, study_dir, cfg)
+                except PreemptedError:
+                    raise
+                except Exception as e:  # one failed point must not stop the others
+                    failures.append(point.run_id)
+                    log.error("run %s failed: %s (details in %s)", point.run_id, e,
+                              study_dir / "runs" / point.run_id / "error.txt")
+                progress.advance()
+        else:
+            # longest first (PPO's four models cost more per step than DPO's two): a shorter tail when jobs > 1
+            longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, PPOConfig))
+            failures = _run_pool([p for p, _ in longest_first], study_dir, jobs, launcher, progress)
     record.record_study(study_dir, phase_seconds={"runs": round(time.time() - started, 1)})
     return failures
 
 
-def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int, launcher: PointLauncher) -> list[str]:
+def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int, launcher: PointLauncher,
+              progress: Progress) -> list[str]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -148,7 +157,7 @@ def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int, launcher: Po
     log.info("running %d points, %d at a time with %d process(es) of %d torch thread(s) each", len(points), jobs,
              launcher.processes, launcher.threads)
     failures = []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
         futures = {pool.submit(_point_in_worker, p, study_dir, launcher): p for p in points}
         for future in as_completed(futures):
             point = futures[future]
@@ -161,4 +170,5 @@ def _run_pool(points: list[SweepPoint], study_dir: Path, jobs: int, launcher: Po
                 log.error("run %s failed: %s", run_id, error)
             else:
                 log.info("run %s done", run_id)
+            progress.advance()
     return failures

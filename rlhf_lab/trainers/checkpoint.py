@@ -8,6 +8,7 @@ Every file of ours in it holds only tensors, numbers, strings and containers of 
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from rlhf_lab.utils.cache import is_complete
+from rlhf_lab.utils.cache import damage, is_complete
 
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -44,11 +46,19 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first (temporary or half-written ones are ignored)."""
+    """Complete, intact checkpoint directories, oldest first. Temporary or half-written ones are ignored; one
+    whose files no longer match its manifest is skipped with a warning (the previous one is resumed instead)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    found = []
+    for path in root.iterdir():
+        if (match := _STEP_DIR.match(path.name)) and is_complete(path):
+            problem = damage(path)
+            if problem is None:
+                found.append((int(match.group(1)), path))
+            else:
+                log.warning("checkpoint %s is damaged (%s): not resuming from it", path, problem)
     return [p for _, p in sorted(found)]
 
 

@@ -27,6 +27,7 @@ from rlhf_lab.models.logprobs import completion_logits, sequence_logps, token_lo
 from rlhf_lab.trainers.errors import NonFiniteLossError  # noqa: F401 (re-exported for callers and tests)
 from rlhf_lab.trainers.loop import (Checkpointer, GlobalBatches, StopRequest, accumulate, accumulation_steps,
                                     build_trained, evaluate_and_record, rank_share)
+from rlhf_lab.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +105,23 @@ class DPOTrainer:
         stop = StopRequest()
         if step == 0:
             self.evaluate(step=0)
-        train_seconds, last = 0.0, {}
-        while step < self.train_cfg.steps:
-            step += 1
-            self.policy.train()
-            started = time.perf_counter()
-            metrics = self.train_step()
-            train_seconds += time.perf_counter() - started
-            metrics["train/pairs_per_s"] = self.train_cfg.batch_size / (time.perf_counter() - started)
-            self.logger.log(metrics, step)
-            last = metrics
-            if step % self.eval_cfg.every == 0 or step == self.train_cfg.steps:
-                self.evaluate(step)
-            stopping = stop.agreed()
-            if stopping or step % self.train_cfg.checkpoint_every == 0 or step == self.train_cfg.steps:
-                self.checkpoints.save(step, {"batches": self.batches.state_dict()}, {"data": self.generator})
-            if stopping:
-                stop.stop(step, self.checkpoints.root)
+        last = {}
+        with Progress(f"{self.inputs.identity.run_id} training", self.train_cfg.steps, initial=step) as progress:
+            while step < self.train_cfg.steps:
+                step += 1
+                self.policy.train()
+                started = time.perf_counter()
+                last = metrics = self.train_step()
+                metrics["train/pairs_per_s"] = self.train_cfg.batch_size / (time.perf_counter() - started)
+                self.logger.log(metrics, step)
+                progress.advance()
+                if step % self.eval_cfg.every == 0 or step == self.train_cfg.steps:
+                    self.evaluate(step)
+                stopping = stop.agreed()
+                if stopping or step % self.train_cfg.checkpoint_every == 0 or step == self.train_cfg.steps:
+                    self.checkpoints.save(step, {"batches": self.batches.state_dict()}, {"data": self.generator})
+                if stopping:
+                    stop.stop(step, self.checkpoints.root)
         stop.close()
         return last
 

@@ -29,8 +29,9 @@ from rlhf_lab.distributed import comm
 from rlhf_lab.trainers.checkpoint import capture_rng, complete_checkpoints, restore_rng
 from rlhf_lab.trainers.errors import NonFiniteLossError, PreemptedError
 from rlhf_lab.trainers.optim import build_optimizer, warmup_schedule
-from rlhf_lab.utils.cache import COMPLETE_MARKER, load_state_file
+from rlhf_lab.utils.cache import load_state_file, mark_complete
 from rlhf_lab.utils.errors import ConfigError, StorageError, UserError
+from rlhf_lab.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def evaluate_and_record(step: int, strategy, policy, reference, tokenizer, promp
 
     with strategy.autocast(), strategy.generation(policy) as pol, strategy.generation(reference) as ref:
         result = evaluate_policy(pol, ref, tokenizer, prompt_ids, gold, eval_cfg, proxy_reward=proxy_reward,
-                                 sync_finish=strategy.synced_generation)
+                                 sync_finish=strategy.synced_generation, progress=f"evaluation at step {step}")
     if comm.is_main():
         proxy = result.proxy_reward_mean if proxy_reward is not None else None
         points.write(point_row(identity, step, result, proxy_reward=proxy))
@@ -211,7 +212,7 @@ class Checkpointer:
                                f"and rerunning resumes from it once there is space")
         comm.barrier()
         if comm.is_main():
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            mark_complete(tmp, published_as=final.name)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in complete_checkpoints(self.root)[:-self.keep]:
@@ -257,31 +258,37 @@ class ResumableLoop:
     step loops of the SFT and reward-model stages (their checkpoints live beside the stage, outside its
     temporary build directory, so a killed build resumes; the stage removes them once it is published).
 
-        start, extras = loop.start()              # 0, {} on a fresh start
+        start, extras = loop.start()              # 0, {} on a fresh start; starts the progress report
         for step in range(start + 1, steps + 1):
             ...
             loop.after_step(step, extras)         # checkpoint when due or asked to stop; raises PreemptedError
     """
 
     def __init__(self, directory: Path | None, strategy, config_hash: str, every: int,
-                 generators: dict[str, torch.Generator], batches: GlobalBatches):
+                 generators: dict[str, torch.Generator], batches: GlobalBatches, what: str, steps: int):
         self.every, self.generators, self.batches = every, generators, batches
+        self.what, self.steps, self.progress = what, steps, None
         self.checkpoints = None if directory is None else Checkpointer(directory, {"model": strategy}, config_hash)
         self.stop = StopRequest() if directory is not None else None
 
     def start(self) -> tuple[int, dict]:
         path = None if self.checkpoints is None else self.checkpoints.latest()
-        if path is None:
-            return 0, {}
-        state = self.checkpoints.load(path, self.generators)
-        self.batches.load_state_dict(state["batches"])
-        return int(path.name.split("-")[1]), state["extras"]
+        step, extras = 0, {}
+        if path is not None:
+            state = self.checkpoints.load(path, self.generators)
+            self.batches.load_state_dict(state["batches"])
+            step, extras = int(path.name.split("-")[1]), state["extras"]
+        self.progress = Progress(self.what, self.steps, "step", initial=step)
+        return step, extras
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self.stop is not None:
             self.stop.close()
 
     def after_step(self, step: int, extras: dict) -> None:
+        self.progress.advance()
         if self.checkpoints is None:
             return
         stopping = self.stop.agreed()

@@ -34,6 +34,7 @@ from rlhf_lab.models.sampling import sample_completions
 from rlhf_lab.trainers.errors import NonFiniteLossError
 from rlhf_lab.trainers.loop import Checkpointer, StopRequest, check_finite, evaluate_and_record
 from rlhf_lab.trainers.ppo_rollout import Advantages, PPOModels, Rollout, compute_advantages, score_rollout
+from rlhf_lab.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +77,37 @@ class PPOTrainer:
         if not resumed:
             self.evaluate()
         last: dict = {}
-        while self.step < self.steps:
-            started = time.perf_counter()
-            prompts = self._next_prompts()
-            rollout = self.roll_out(prompts)
-            if comm.all_reduce_sum(rollout.mask.sum().detach().cpu()) == 0:
-                raise NonFiniteLossError(f"step {self.step + 1}: the reward returned no finite score for any episode")
-            adv = compute_advantages(rollout, self.kl_ctl.value, self.cfg, reduce_sum=comm.all_reduce_sum)
-            train_stats = self.optimise(rollout, adv)
-            seq_kl = float(comm.all_reduce_mean(adv.kl.sum(-1).mean().detach().cpu()))
-            self.kl_ctl.update(seq_kl, self.cfg.rollout_batch_size)
-            if self.cfg.ema_reference_decay is not None:
-                self._update_ema_reference()
-            self.step += 1
-            last = {**self.rollout_metrics(rollout, adv), **train_stats,
-                    "objective/kl_coef": self.kl_ctl.value,
-                    "train/episodes_per_s": self.cfg.rollout_batch_size / (time.perf_counter() - started)}
-            self.logger.log(last, self.step)
-            if self.step % self.eval_cfg.every == 0 or self.step == self.steps:
-                self.evaluate()
-            stopping = stop.agreed()
-            if stopping or self.step % self.checkpoint_every == 0 or self.step == self.steps:
-                self.checkpoints.save(self.step, self.state_dict(), self.generators)
-            if stopping:
-                stop.stop(self.step, self.checkpoints.root)
+        with Progress(f"{self.identity.run_id} training", self.steps, initial=self.step) as progress:
+            while self.step < self.steps:
+                last = self.ppo_step()
+                self.logger.log(last, self.step)
+                progress.advance()
+                if self.step % self.eval_cfg.every == 0 or self.step == self.steps:
+                    self.evaluate()
+                stopping = stop.agreed()
+                if stopping or self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                    self.checkpoints.save(self.step, self.state_dict(), self.generators)
+                if stopping:
+                    stop.stop(self.step, self.checkpoints.root)
         stop.close()
         return last
+
+    def ppo_step(self) -> dict:
+        """One PPO iteration: roll out, advantages (KL-shaped reward), epochs of updates, KL controller and
+        EMA reference; returns the step's metrics."""
+        started = time.perf_counter()
+        rollout = self.roll_out(self._next_prompts())
+        if comm.all_reduce_sum(rollout.mask.sum().detach().cpu()) == 0:
+            raise NonFiniteLossError(f"step {self.step + 1}: the reward returned no finite score for any episode")
+        adv = compute_advantages(rollout, self.kl_ctl.value, self.cfg, reduce_sum=comm.all_reduce_sum)
+        train_stats = self.optimise(rollout, adv)
+        seq_kl = float(comm.all_reduce_mean(adv.kl.sum(-1).mean().detach().cpu()))
+        self.kl_ctl.update(seq_kl, self.cfg.rollout_batch_size)
+        if self.cfg.ema_reference_decay is not None:
+            self._update_ema_reference()
+        self.step += 1
+        return {**self.rollout_metrics(rollout, adv), **train_stats, "objective/kl_coef": self.kl_ctl.value,
+                "train/episodes_per_s": self.cfg.rollout_batch_size / (time.perf_counter() - started)}
 
     def _next_prompts(self) -> PromptSet:
         """This rank's share (rows i % W == r) of the next rollout batch, from a shuffled pass over the train

@@ -74,7 +74,8 @@ def train_reward_model(model, tokenizer, train_pairs: list[TokenizedPair], eval_
 
     generator = torch.Generator().manual_seed(seed)
     batches = GlobalBatches(list(train_pairs), cfg.batch_size, generator)
-    loop = ResumableLoop(checkpoint_dir, strategy, config_hash, checkpoint_every, {"data": generator}, batches)
+    loop = ResumableLoop(checkpoint_dir, strategy, config_hash, checkpoint_every, {"data": generator}, batches,
+                         "reward model training", cfg.steps)
     start, extras = loop.start()
     if not extras:
         extras = {"initial": evaluate(eval_pairs) if eval_pairs else {}, "history": [], "last": {}}

@@ -56,7 +56,8 @@ def train_sft(model, tokenizer, texts: list[str], cfg: SFTConfig, strategy, seed
     model.train()
     generator = torch.Generator().manual_seed(seed)
     batches = GlobalBatches(rows, cfg.batch_size, generator)
-    loop = ResumableLoop(checkpoint_dir, strategy, config_hash, checkpoint_every, {"data": generator}, batches)
+    loop = ResumableLoop(checkpoint_dir, strategy, config_hash, checkpoint_every, {"data": generator}, batches,
+                         "sft training", cfg.steps)
     start, metrics = loop.start()
     pad_id, started = tokenizer.pad_token_id, time.time()
 

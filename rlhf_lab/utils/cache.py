@@ -4,6 +4,12 @@ Every stage output (tokenizer, gold reward, SFT model, preference file, referenc
 directory named by a hash of the configuration that determines it. A directory is only ever made visible
 by an atomic rename once it is complete and holds a `_COMPLETE` marker, so a crash or a kill mid-build
 never leaves something that later looks finished.
+
+The marker is a manifest: the directory's name and every file's size at publication. `damage()` compares a
+directory with it, so a file truncated or lost afterwards (a partial copy or rsync, a full disk during a manual
+edit, a cleaner that deleted part of a cache) or a directory renamed to another key is caught on use and
+rebuilt (`reusable`) instead of being used. Sizes, not checksums: they catch that damage in milliseconds even for
+a model of many gigabytes; a flipped bit inside a file of the right size is not caught.
 """
 from __future__ import annotations
 
@@ -11,17 +17,19 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from rlhf_lab.utils.errors import StorageError, UserError
 
+log = logging.getLogger(__name__)
 COMPLETE_MARKER = "_COMPLETE"
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}   # out of space, out of quota, read-only file system
 
@@ -33,7 +41,62 @@ def stable_hash(obj: Any, length: int = 12) -> str:
 
 
 def is_complete(path: Path) -> bool:
+    """The marker is there (cheap; `damage` also checks the files against it)."""
     return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(directory: Path, published_as: str | None = None) -> None:
+    """Write the marker last, as a manifest of what is there now: the name the directory is published under
+    (default: its own) and the size of every file below it."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != COMPLETE_MARKER}
+    manifest = {"published_as": published_as or directory.name, "files": files}
+    (directory / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete-looking directory (None when its files match its manifest)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / COMPLETE_MARKER).read_text())
+        published_as, files = manifest["published_as"], manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} manifest is missing or unreadable (written by an older rlhf_lab?)"
+    if published_as != path.name:
+        return f"it was published as {published_as!r}, not {path.name!r} (renamed or copied to another key?)"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was published (truncated?)"
+    return None
+
+
+def is_intact(path: Path) -> bool:
+    return is_complete(path) and damage(path) is None
+
+
+def reusable(path: Path, check: Callable[[Path], str | None] | None = None) -> bool:
+    """True when `path` is complete and intact (and passes `check`, a caller's own test such as the stage key).
+    A complete but damaged directory is moved aside to a hidden `.damaged-*` sibling with a warning that says
+    why and where, so the caller rebuilds it; it is never used. Call it holding the lock that guards building
+    `path`, so no other process is publishing it at the same time."""
+    path = Path(path)
+    if not is_complete(path):
+        return False
+    problem = damage(path) or (check(path) if check is not None else None)
+    if problem is None:
+        return True
+    aside = path.parent / f".damaged-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:   # another process moved it aside first
+        return False
+    log.warning("%s is damaged: %s. Rebuilding it; the damaged copy is kept in %s (delete it when done)",
+                path, problem, aside)
+    return False
 
 
 @contextlib.contextmanager
@@ -49,7 +112,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        mark_complete(tmp, published_as=final.name)
         if final.exists():
             if is_complete(final):
                 shutil.rmtree(tmp)

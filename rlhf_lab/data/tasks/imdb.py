@@ -51,7 +51,7 @@ from rlhf_lab.rewards.gold import (
     clean_text,
     read_classifier_meta,
 )
-from rlhf_lab.utils.cache import atomic_dir, is_complete, stable_hash
+from rlhf_lab.utils.cache import atomic_dir, reusable, stable_hash
 from rlhf_lab.utils.errors import ConfigError, DataError
 
 BOS_EOS_TOKEN = "<|endoftext|>"
@@ -361,11 +361,11 @@ def _build_tokenizer_and_gold(tok_dir: Path, tok_key: dict[str, Any], gold_dir: 
     (Both trainers are single-threaded. Training the tokenizer in a child process alongside the classifier was
     tried and measured: on 2 cores shared with other work it was slower, 43.6 s vs 38.6 s, so it was dropped.)
     """
-    if not is_complete(tok_dir):
+    if not reusable(tok_dir):
         train_texts = reviews.get()[0]
         backend_json, seconds = _train_tokenizer_here(train_texts, reviews.cfg.vocab_size)
         _save_tokenizer(tok_dir, tok_key, backend_json, len(train_texts), seconds)
-    if gold_dir is not None and not is_complete(gold_dir):
+    if gold_dir is not None and not reusable(gold_dir):
         _train_gold_classifier(gold_dir, gold_key, reviews)
 
 
@@ -389,11 +389,12 @@ def build_imdb_task(cfg: ImdbTaskConfig, cache_root: Path) -> ImdbTask:
     gold_dir = base / "gold" / f"classifier-{gold_hash}" if cfg.gold == "classifier" else None
     task_dir = base / task_hash
 
-    if not (is_complete(task_dir) and is_complete(tok_dir) and (gold_dir is None or is_complete(gold_dir))):
+    # (the caller holds the task lock: a damaged directory is moved aside and rebuilt, never read)
+    if not (reusable(task_dir) and reusable(tok_dir) and (gold_dir is None or reusable(gold_dir))):
         t_start = time.perf_counter()
         reviews = _Reviews(cfg)
         _build_tokenizer_and_gold(tok_dir, tok_key, gold_dir, gold_key, reviews)
-        if not is_complete(task_dir):
+        if not reusable(task_dir):
             _build_task_dir(task_dir, cfg, task_key, tok_dir, tok_hash, gold_dir, gold_hash, reviews, t_start)
     return _load_task(cfg, task_dir, task_hash, tok_dir, tok_hash, gold_dir, gold_hash)
 
