@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from rlhf_lab.eval import frontier as fr
+from rlhf_lab.eval import paired
 from rlhf_lab.study import report_tables as rt
 from rlhf_lab.study.plots import FIGURE_TITLES
 from rlhf_lab.study.report import frontier_summary_text, print_frontier_summary, write_report
@@ -30,6 +31,7 @@ def test_write_report_writes_figures_and_is_deterministic(study):
     text = first.decode()
     assert "RuntimeError: deliberate failure" in text       # failed runs shown with their last lines
     assert "0123456789abcdef" in text and "reward_model" in text  # git SHA and stage times from study.json
+    assert "Methods compared at each KL budget" in text and "over 3 seeds —" in text   # paired comparisons
 
 
 def test_per_run_table_final_step_and_wall_time(study):
@@ -87,3 +89,5 @@ def test_summary_text_is_the_budget_table(study, capsys):
     assert capsys.readouterr().out.strip() == text.strip()
     assert text.startswith(fr.budget_table_text(fr.best_at_kl_budgets(points, [1.0, 5.0])))
     assert "SFT start: gold 0.480" in text
+    sentences = paired.paired_comparisons(points, [1.0, 5.0])["sentence"]
+    assert len(sentences) > 0 and text.endswith("paired over seeds:\n" + "\n".join(sentences))

@@ -54,6 +54,8 @@ def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
     stages = json.loads((smoke_study_dir / "stages.json").read_text())
     built = {e["stage"] for e in stages.values() if "build_seconds" in e}
     assert built == {"task", "sft", "preferences", "reward_model", "reference_logps"}
+    comparisons = pd.read_csv(smoke_study_dir / "comparisons.csv")   # one seed: differences without intervals
+    assert len(comparisons) > 0 and (comparisons["verdict"] == "one seed: no interval").all()
     frontier = pd.read_csv(smoke_study_dir / "frontier.csv")
     assert set(frontier["method_label"]) <= {"dpo (sigmoid)", "ipo", "ppo", "ppo_gt"} and len(frontier) > 0
     assert sorted(p.name for p in (smoke_study_dir / "figures").glob("*.png")) == [

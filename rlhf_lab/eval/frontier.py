@@ -81,7 +81,8 @@ def mean_ci(values: np.ndarray, ses: np.ndarray) -> tuple[float, float, float, s
     return mean, mean - half, mean + half, CI_WITHIN_RUN
 
 
-def _with_keys(points: pd.DataFrame) -> pd.DataFrame:
+def with_labels(points: pd.DataFrame) -> pd.DataFrame:
+    """The points with numeric setting columns and `method_label` / `setting` added (a copy)."""
     df = points.copy()
     for col in SETTING_KEYS + ["proxy_reward_mean", "response_len_mean", "gold_reward_se", "kl_se"]:
         if col not in df:
@@ -96,10 +97,11 @@ def aggregate_seeds(points: pd.DataFrame) -> pd.DataFrame:
     """One row per (method label, setting, step): seed-mean KL and gold reward with 95% CIs (`AGG_COLUMNS`)."""
     if points.empty:
         return pd.DataFrame(columns=AGG_COLUMNS)
-    df = _with_keys(points)
+    df = with_labels(points)
     rows = []
     for (label, setting, step), g in df.groupby(["method_label", "setting", "step"], sort=True, dropna=False):
         kl, kl_lo, kl_hi, kind = mean_ci(g["kl_mean"].to_numpy(), g["kl_se"].to_numpy())
+        kl_lo = max(0.0, kl_lo) if not math.isnan(kl_lo) else kl_lo   # KL ≥ 0: the symmetric t-interval is not
         gold, gold_lo, gold_hi, _ = mean_ci(g["gold_reward_mean"].to_numpy(), g["gold_reward_se"].to_numpy())
         rows.append({
             "method_label": label, "setting": setting,

@@ -54,11 +54,16 @@ def summary_table(points: pd.DataFrame) -> str:
 
 
 def write_frontier(study_dir: Path, points: pd.DataFrame) -> pd.DataFrame:
-    """`<study_dir>/frontier.csv`: each method's Pareto-frontier points (seed means with 95% CIs)."""
-    from rlhf_lab.eval.frontier import aggregate_seeds, pareto_frontier
+    """`<study_dir>/frontier.csv`: each method's Pareto-frontier points (seed means with 95% CIs), and
+    `comparisons.csv`: every pair of methods at each KL budget, paired over seeds (eval/paired.py)."""
+    from rlhf_lab.eval.frontier import aggregate_seeds, default_kl_budgets, pareto_frontier
+    from rlhf_lab.eval.paired import PAIRED_COLUMNS, paired_comparisons
 
     frontier = pareto_frontier(aggregate_seeds(points)) if not points.empty else pd.DataFrame()
     atomic_write_text(study_dir / "frontier.csv", frontier.to_csv(index=False))
+    comparisons = (paired_comparisons(points, default_kl_budgets(points)) if not points.empty
+                   else pd.DataFrame(columns=PAIRED_COLUMNS))
+    atomic_write_text(study_dir / "comparisons.csv", comparisons.to_csv(index=False))
     return frontier
 
 

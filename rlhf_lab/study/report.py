@@ -19,6 +19,7 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 from rlhf_lab.eval import frontier as fr
+from rlhf_lab.eval import paired
 from rlhf_lab.study import plots
 from rlhf_lab.study import report_tables as rt
 from rlhf_lab.utils.cache import atomic_write_text
@@ -90,10 +91,23 @@ def _results(inputs: rt.StudyInputs, budgets: Sequence[float]) -> str:
         "<p class='sub'>seed-mean gold [95% CI] of the best checkpoint with mean KL within the budget "
         "(— : the method has no trained point that close to the reference)</p>"
         + _table(rt.budget_display_table(p, list(budgets)) if not p.empty else None)
+        + _comparisons(p, budgets)
         + "<h2>Frontier points</h2>" + _table(rt.frontier_display_table(p) if not p.empty else None)
         + "<h2>Runs (final evaluation)</h2>" + _table(rt.per_run_table(inputs))
         + (f"<h2>Failed runs</h2>{failed_html}" if failed else "")
     )
+
+
+def _comparisons(points: pd.DataFrame, budgets: Sequence[float]) -> str:
+    table = paired.paired_comparisons(points, budgets) if not points.empty else pd.DataFrame()
+    if table.empty:
+        return ""
+    sentences = "".join(f"<li>{html.escape(s)}</li>" for s in table["sentence"])
+    return ("<h2>Methods compared at each KL budget</h2>"
+            "<p class='sub'>paired over seeds (seed s of both methods shares its SFT model and evaluation prompts): "
+            "mean difference of gold reward with a 95% t-interval. Each method's point is its best at the budget, "
+            "chosen on these seeds, which favours the method with more settings to choose from.</p>"
+            f"<ul>{sentences}</ul>")
 
 
 def _judges(inputs: rt.StudyInputs) -> str:
@@ -168,9 +182,11 @@ def frontier_summary_text(points: pd.DataFrame, budgets: Sequence[float] | None 
         return "(no points)"
     budgets = list(budgets) if budgets is not None else fr.default_kl_budgets(points)
     base = fr.sft_baseline(points)
+    comparisons = paired.paired_comparisons(points, budgets)
     return (fr.budget_table_text(fr.best_at_kl_budgets(points, budgets))
             + f"\n(SFT start: gold {base['gold_mean']:.3f}; ± is the 95% CI half-width over seeds, or 1.96 SE "
-              f"with one seed; — : no trained point within that KL)")
+              f"with one seed; — : no trained point within that KL)"
+            + ("\n\npaired over seeds:\n" + "\n".join(comparisons["sentence"]) if not comparisons.empty else ""))
 
 
 def print_frontier_summary(study_dir: Path, budgets: Sequence[float] | None = None) -> str:
