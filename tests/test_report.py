@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from rlhf_lab.eval import frontier as fr
-from rlhf_lab.eval import paired
+from rlhf_lab.eval import convergence, paired
 from rlhf_lab.study import report_tables as rt
 from rlhf_lab.study.plots import FIGURE_TITLES
 from rlhf_lab.study.report import frontier_summary_text, print_frontier_summary, write_report
@@ -90,4 +90,5 @@ def test_summary_text_is_the_budget_table(study, capsys):
     assert text.startswith(fr.budget_table_text(fr.best_at_kl_budgets(points, [1.0, 5.0])))
     assert "SFT start: gold 0.480" in text
     sentences = paired.paired_comparisons(points, [1.0, 5.0])["sentence"]
-    assert len(sentences) > 0 and text.endswith("paired over seeds:\n" + "\n".join(sentences))
+    assert len(sentences) > 0 and "paired over seeds:\n" + "\n".join(sentences) in text
+    assert text.endswith("".join(f"\nwarning: {w}" for w in convergence.convergence_warnings(points)))

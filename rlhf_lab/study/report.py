@@ -19,7 +19,7 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 from rlhf_lab.eval import frontier as fr
-from rlhf_lab.eval import paired
+from rlhf_lab.eval import convergence, paired
 from rlhf_lab.study import plots
 from rlhf_lab.study import report_tables as rt
 from rlhf_lab.utils.cache import atomic_write_text
@@ -91,7 +91,7 @@ def _results(inputs: rt.StudyInputs, budgets: Sequence[float]) -> str:
         "<p class='sub'>seed-mean gold [95% CI] of the best checkpoint with mean KL within the budget "
         "(— : the method has no trained point that close to the reference)</p>"
         + _table(rt.budget_display_table(p, list(budgets)) if not p.empty else None)
-        + _comparisons(p, budgets)
+        + _comparisons(p, budgets) + _plateau(p)
         + "<h2>Frontier points</h2>" + _table(rt.frontier_display_table(p) if not p.empty else None)
         + "<h2>Runs (final evaluation)</h2>" + _table(rt.per_run_table(inputs))
         + (f"<h2>Failed runs</h2>{failed_html}" if failed else "")
@@ -108,6 +108,16 @@ def _comparisons(points: pd.DataFrame, budgets: Sequence[float]) -> str:
             "mean difference of gold reward with a 95% t-interval. Each method's point is its best at the budget, "
             "chosen on these seeds, which favours the method with more settings to choose from.</p>"
             f"<ul>{sentences}</ul>")
+
+
+def _plateau(points: pd.DataFrame) -> str:
+    warnings = convergence.convergence_warnings(points) if not points.empty else []
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return ("<h2>Runs still moving at their last evaluation</h2><p class='sub'>the last two evaluations differ by "
+            "more than one standard error of their difference: these points say more about the training budget "
+            f"than about the method</p><ul>{items}</ul>")
 
 
 def _judges(inputs: rt.StudyInputs) -> str:
@@ -186,7 +196,8 @@ def frontier_summary_text(points: pd.DataFrame, budgets: Sequence[float] | None 
     return (fr.budget_table_text(fr.best_at_kl_budgets(points, budgets))
             + f"\n(SFT start: gold {base['gold_mean']:.3f}; ± is the 95% CI half-width over seeds, or 1.96 SE "
               f"with one seed; — : no trained point within that KL)"
-            + ("\n\npaired over seeds:\n" + "\n".join(comparisons["sentence"]) if not comparisons.empty else ""))
+            + ("\n\npaired over seeds:\n" + "\n".join(comparisons["sentence"]) if not comparisons.empty else "")
+            + "".join(f"\nwarning: {w}" for w in convergence.convergence_warnings(points)))
 
 
 def print_frontier_summary(study_dir: Path, budgets: Sequence[float] | None = None) -> str:
