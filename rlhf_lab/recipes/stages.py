@@ -164,8 +164,9 @@ class StageTraining:
 # The key builders: every input that changes a stage's output (tests/test_stage_keys.py walks the config schema
 # against the table in recipes/stage_keys.py). Upstream stages enter through their hashes.
 def sft_key(tokenizer_key: str, model_cfg: ModelConfig, sft_cfg: SFTConfig, seed: int, training_key: dict) -> dict:
-    return {"task": tokenizer_key, "model": asdict(model_cfg), "sft": asdict(sft_cfg), "seed": seed,
-            "training": training_key}
+    # trust_remote_code permits loading the model; it does not change what SFT produces
+    model = {k: v for k, v in asdict(model_cfg).items() if k != "trust_remote_code"}
+    return {"task": tokenizer_key, "model": model, "sft": asdict(sft_cfg), "seed": seed, "training": training_key}
 
 
 def preference_key(task_key: str, model_key: str, gen_cfg: PreferenceGenConfig, gold_name: str, seed: int) -> dict:
