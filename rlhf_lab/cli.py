@@ -40,19 +40,20 @@ _TASK_STARTED = False   # set when Hydra has composed the config and entered tra
 def train_app(raw: DictConfig) -> dict | None:
     from rlhf_lab.config import check_keys_are_read, override_keys, validate_run_config
 
-    from rlhf_lab.distributed.comm import adopt_submitit_env
-
-    quiet_libraries()  # joblib/submitit workers never run main()
-    adopt_submitit_env()
-    if int(os.environ.get("RANK", "0")) != 0:  # one log per run: the other ranks report warnings and errors only
-        logging.getLogger().setLevel(logging.WARNING)
     hc = HydraConfig.get()
     global _TASK_STARTED
     _TASK_STARTED = True
     try:
         cfg = validate_run_config(raw)
         check_keys_are_read(cfg, override_keys(list(hc.overrides.task)))
-        from rlhf_lab.recipes.run import run_alignment   # the heavy imports only once the config is valid
+        # the heavy imports (transformers, torch.distributed) only once the config is valid: a typo costs seconds
+        from rlhf_lab.distributed.comm import adopt_submitit_env
+        from rlhf_lab.recipes.run import run_alignment
+
+        quiet_libraries()  # joblib/submitit workers never run main()
+        adopt_submitit_env()
+        if int(os.environ.get("RANK", "0")) != 0:  # one log per run: the other ranks report warnings and errors only
+            logging.getLogger().setLevel(logging.WARNING)
 
         summary = run_alignment(cfg, Path(hc.runtime.output_dir))
         log.info("run complete: %s (points: %s)", hc.runtime.output_dir, Path(hc.runtime.output_dir) / "points.csv")
