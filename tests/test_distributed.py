@@ -107,7 +107,9 @@ def test_sft_and_reward_model_on_two_ranks_equal_one_process(workspace, stages_t
     assert (info[0]["world_size"], info[1]["world_size"]) == (1, 2)
 
 
-@pytest.mark.parametrize("generation", ["gather", "synced"])
+# synced: the loop for models too large to gather, where ranks finishing at different lengths could hang. The gathered
+# path is what every ZeRO-3 DPO evaluation above takes too, so its PPO case runs with the slow tests (CI budget)
+@pytest.mark.parametrize("generation", [pytest.param("gather", marks=pytest.mark.slow), "synced"])
 def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two_ranks, generation):
     """gather: the actor's parameters gathered once per rollout; synced: collective forwards, the ranks stepping
     until every rank's samples have ended (they end at different lengths on different ranks)."""
@@ -120,9 +122,7 @@ def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two
     assert lengths and all(0 < x <= 10 for x in lengths)
 
 
-# PPO's own resume state (critic, KL controller, rollout RNG) is covered in one process by test_ppo.py's SIGKILL
-# test and ZeRO-3's partitioned checkpoints by the DPO case: the PPO case runs with the slow tests (CI budget)
-@pytest.mark.parametrize("algo", ["dpo", pytest.param("ppo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algo", ["dpo", "ppo"])
 def test_sigkill_and_resume_under_zero3(workspace, stages_two_ranks, algo):
     extra = ["strategy=zero3", "train.checkpoint_every=2", "eval.every=100"]   # evaluations at 0 and the end
     extra += [*PPO, "train.steps=3"] if algo == "ppo" else ["train.steps=4"]
