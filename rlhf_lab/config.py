@@ -127,7 +127,18 @@ class PPOConfig:
     ema_reference_decay: Optional[float] = None  # EMA of the policy as reference (Xu et al. 2024); None = frozen SFT
 
 
-ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig}
+@dataclass
+class BestOfNConfig:
+    """Best-of-N from the SFT policy, no training: the yardstick on the frontier (rlhf_lab/algos/best_of_n.py).
+    One run samples K completions per evaluation prompt and writes one points row per n = 1, 2, 4, …, K, with
+    `step` = n (step 0 = n = 1, the SFT model) and KL = log n − (n−1)/n, an upper bound."""
+
+    name: str = "best_of_n"
+    samples: int = 16                   # K completions per evaluation prompt (the largest n)
+    scorer: str = "gold"                # gold: the task's gold reward (the yardstick) | reward_model: the learned RM
+
+
+ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig, "best_of_n": BestOfNConfig}
 
 
 @dataclass
@@ -223,6 +234,9 @@ def _check(cond: bool, key: str, expected: str, value: Any) -> None:
 def _validate_semantics(cfg: RunConfig) -> None:
     if isinstance(cfg.algo, PPOConfig):
         _validate_ppo(cfg.algo)
+    elif isinstance(cfg.algo, BestOfNConfig):
+        _check(cfg.algo.samples >= 2, "algo.samples", ">= 2", cfg.algo.samples)
+        _check(cfg.algo.scorer in ("gold", "reward_model"), "algo.scorer", "gold | reward_model", cfg.algo.scorer)
     else:
         _validate_dpo(cfg.algo)
     _validate_common(cfg)
@@ -266,7 +280,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
     _check(cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps)
     _check(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", cfg.train.checkpoint_every)
-    if not isinstance(cfg.algo, PPOConfig):   # PPO's batch is algo.rollout_batch_size (checked with the algo)
+    if isinstance(cfg.algo, AlgoConfig):   # PPO's batch is algo.rollout_batch_size; best-of-n trains nothing
         _check(cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
                "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}",
                cfg.train.batch_size)
@@ -328,6 +342,16 @@ def unread_keys(cfg: RunConfig) -> dict[str, str]:
         if a.reward != "learned" and a.critic_init != "reward_model":
             reason = f"with algo.reward={a.reward} and algo.critic_init={a.critic_init} no reward model is trained"
             unread.update({"reward_model.": reason, "preferences.": reason})
+    elif isinstance(a, BestOfNConfig):
+        unread.update({key: "algo=best_of_n trains nothing: it samples from the SFT model" for key in (
+            "train.steps", "train.batch_size", "train.micro_batch_size", "train.compile", "train.save_model",
+            "optim.lr", "optim.weight_decay", "optim.warmup_steps", "eval.every", "strategy.")})
+        unread.update({"data.source": "algo=best_of_n samples on the task's prompts",
+                       "data.split": "algo=best_of_n reads no preference dataset",
+                       "data.max_pairs": "algo=best_of_n reads no pairs"})
+        if a.scorer == "gold":
+            reason = "algo.scorer=gold: no reward model is trained"
+            unread.update({"reward_model.": reason, "preferences.": reason, "data.": reason})
     else:
         unread["reward_model."] = "the DPO family trains no reward model (algo=ppo does)"
         if cfg.data.source is not None:

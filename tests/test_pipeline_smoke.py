@@ -220,3 +220,25 @@ def test_unpaired_kto_dataset_end_to_end(workspace, first_run):
     torch.testing.assert_close(table[:80].view(40, 2), paired[:40], rtol=0, atol=1e-4)
     points = read_points(workspace / "unpaired_kto" / "points.csv")
     assert [int(r["step"]) for r in points] == [0, 2] and points[0]["loss_type"] == "kto"
+
+
+def test_best_of_n_rows_from_one_set_of_samples(workspace, first_run):
+    """algo=best_of_n on the first run's cached SFT model: rows for n = 1 (step 0), 2, 4, 8 (step = n), KL the
+    closed-form bound, gold non-decreasing in n (the scorer is gold itself), and the samples the judges read."""
+    from rlhf_lab.algos.best_of_n import kl_bound
+
+    run_dir = workspace / "bon"
+    args = [*without(TINY_BASE, "train.", "eval.every", "preferences.", "data."), "algo=best_of_n", "algo.samples=8"]
+    run_cli([*args, f"output_root={workspace}", f"hydra.run.dir={run_dir}"], workspace)
+    rows = read_points(run_dir / "points.csv")
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 8]
+    assert {r["method"] for r in rows} == {"best_of_n"} and {r["loss_type"] for r in rows} == {"gold"}
+    assert [float(r["kl_mean"]) for r in rows] == pytest.approx([kl_bound(n) for n in (1, 2, 4, 8)], abs=1e-12)
+    gold = [float(r["gold_reward_mean"]) for r in rows]
+    assert all(a <= b + 1e-12 for a, b in zip(gold, gold[1:])) and gold[-1] > gold[0]
+    first = [json.loads(x) for x in (run_dir / "samples" / "step_000000.jsonl").read_text().splitlines()]
+    best = [json.loads(x) for x in (run_dir / "samples" / "step_000008.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in best] == list(range(16)) == [r["index"] for r in first]
+    assert all(b["gold"] >= f["gold"] for b, f in zip(best, first))      # the best of 8 includes sample 0
+    refused = run_cli([*args, "train.steps=5", f"output_root={workspace}"], workspace, check=False)
+    assert refused.returncode == 2 and "'train.steps' is set but never read" in refused.stderr

@@ -62,7 +62,7 @@ def test_page_loads_with_every_section(page):
     assert d.title == "rlhf_lab study: synthetic"
     headings = d.execute_script("return [...document.querySelectorAll('h2')].map(h => h.textContent)")
     for h in ("How to read the frontier", "Figures", "Best gold reward per method at KL budgets",
-              "Frontier points", "Runs (final evaluation)", "Judge win rates", "Provenance"):
+              "Methods compared at each KL budget", "Runs still moving at their last evaluation", "Frontier points", "Runs (final evaluation)", "Judge win rates", "Provenance"):
         assert h in headings
     runs = d.execute_script("return document.querySelectorAll('table.tbl').length")
     assert runs >= 6  # budgets, frontier, runs, judges ×2, provenance facts, stages, versions

@@ -117,7 +117,7 @@ def with_value(cfg: RunConfig, key: str, value: Any) -> RunConfig:
     return cfg
 
 
-@pytest.mark.parametrize("overrides", [["algo=dpo"], ["algo=kto"], ["algo=ppo"], ["algo=ppo_gt"],
+@pytest.mark.parametrize("overrides", [["algo=dpo"], ["algo=kto"], ["algo=ppo"], ["algo=ppo_gt"], ["algo=best_of_n"],
                                        ["algo=dpo", "data.source=trl-lib/ultrafeedback_binarized"]])
 def test_every_config_key_changes_exactly_the_stage_keys_it_is_declared_to(overrides):
     base = compose_run_config(overrides)

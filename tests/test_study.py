@@ -18,7 +18,8 @@ from tests.cli import cli_env, run_cli
 
 pytestmark = pytest.mark.integration
 SMOKE_RUNS = ["dpo-beta0.1-seed0", "dpo-beta1-seed0", "ipo-beta0.5-seed0", "ppo-kl_coef0.05-seed0",
-              "ppo_gt-kl_coef0.05-seed0"]
+              "ppo_gt-kl_coef0.05-seed0", "best_of_n-samples8-seed0"]
+FINAL_STEP = {run: 8 if run.startswith("best_of_n") else 3 for run in SMOKE_RUNS}   # best-of-n: step = n
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -32,7 +33,7 @@ def test_list_phase_names_every_point_in_order(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["phase=bogus"], "phase='bogus'"),
-    (["phase=point", "index=99"], "index=99: study 'smoke' has 5 points"),
+    (["phase=point", "index=99"], "index=99: study 'smoke' has 6 points"),
     (["study=nosuchstudy"], "study 'nosuchstudy' not found"),
 ])
 def test_bad_study_arguments_are_clear_errors(tmp_path, args, message):
@@ -45,8 +46,8 @@ def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
     points = pd.read_csv(smoke_study_dir / "points.csv")
     assert list(points.columns)[:len(POINT_COLUMNS)] == POINT_COLUMNS
     assert sorted(points["run_id"].unique()) == sorted(SMOKE_RUNS)
-    assert set(points["method"]) == {"dpo", "ppo", "ppo_gt"}
-    assert (points.groupby("run_id")["step"].max() == 3).all()
+    assert set(points["method"]) == {"dpo", "ppo", "ppo_gt", "best_of_n"}
+    assert points.groupby("run_id")["step"].max().to_dict() == FINAL_STEP
     assert pd.read_parquet(smoke_study_dir / "points.parquet").shape == points.shape
     study = json.loads((smoke_study_dir / "study.json").read_text())
     assert set(study["run_seconds"]) == set(SMOKE_RUNS) and study["git"]["sha"]
@@ -57,11 +58,12 @@ def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
     comparisons = pd.read_csv(smoke_study_dir / "comparisons.csv")   # one seed: differences without intervals
     assert len(comparisons) > 0 and (comparisons["verdict"] == "one seed: no interval").all()
     frontier = pd.read_csv(smoke_study_dir / "frontier.csv")
-    assert set(frontier["method_label"]) <= {"dpo (sigmoid)", "ipo", "ppo", "ppo_gt"} and len(frontier) > 0
+    assert set(frontier["method_label"]) <= {"dpo (sigmoid)", "ipo", "ppo", "ppo_gt",
+                                             "best-of-n by gold (KL upper bound)"} and len(frontier) > 0
     assert sorted(p.name for p in (smoke_study_dir / "figures").glob("*.png")) == [
         "frontier.png", "kl_vs_step.png", "length_vs_reward.png", "reward_vs_step.png"]
     judged = points[points["judge_oracle_win_rate"].notna()]  # the study's oracle judge, on final steps only
-    assert len(judged) == len(SMOKE_RUNS) and (judged["step"] == 3).all()
+    assert len(judged) == len(SMOKE_RUNS) and (judged["step"] == judged["run_id"].map(FINAL_STEP)).all()
     assert ((judged["judge_oracle_ci_low"] <= judged["judge_oracle_win_rate"])
             & (judged["judge_oracle_win_rate"] <= judged["judge_oracle_ci_high"])).all()
     judgements = pd.read_csv(smoke_study_dir / "judgements.csv")
@@ -76,7 +78,7 @@ def test_rerun_reuses_every_stage_and_run(smoke_study_dir):
     before = {p: p.stat().st_mtime_ns for p in markers}
     out = cli("study", "study=smoke", f"output_root={root}", cwd=root)
     assert {p: p.stat().st_mtime_ns for p in sorted(root.rglob("_COMPLETE"))} == before  # nothing rebuilt/rerun
-    assert "5 runs" in out.stdout
+    assert "6 runs" in out.stdout
 
 
 def failing_study(tmp_path: Path, smoke_dir: Path) -> Path:

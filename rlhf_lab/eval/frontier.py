@@ -43,7 +43,10 @@ BUDGET_COLUMNS = [
 
 
 def method_label(method: str, loss_type: object) -> str:
-    """Curve name: the DPO family is split by loss type (sigmoid is plain DPO), other methods keep their name."""
+    """Curve name: the DPO family is split by loss type (sigmoid is plain DPO), best-of-n by its scorer (its KL is
+    an upper bound, and the label says so), other methods keep their name."""
+    if method == "best_of_n":
+        return f"best-of-n by {loss_type} (KL upper bound)"
     if method != "dpo":
         return str(method)
     loss = "" if loss_type is None or (isinstance(loss_type, float) and math.isnan(loss_type)) else str(loss_type)

@@ -104,11 +104,18 @@ def ppo_stages(cfg: RunConfig) -> tuple:
     """The cached stages a PPO run needs: task, SFT, and (for a learned reward or an RM-initialised critic) the
     preference pairs and the reward model. Returns (task, SFT dir, reward-model dir or None, stages used)."""
     a: PPOConfig = cfg.algo
+    return sampling_stages(cfg, learned_reward=a.reward == "learned" or a.critic_init == "reward_model")
+
+
+def sampling_stages(cfg: RunConfig, learned_reward: bool) -> tuple:
+    """What a method that samples from the SFT model needs (PPO, best-of-n): the task, SFT, and with
+    `learned_reward` the preference pairs and the reward model trained on them. Returns (task, SFT dir,
+    reward-model dir or None, stages used)."""
     cache = Path(cfg.cache_dir)
     task, task_out = stages.task_stage(cfg.task, cfg.reward.gold, cache)
     used, rm_dir = [task_out], None
     sft_dir, sft_key = sft_or_base(cfg, task, used)
-    if a.reward == "learned" or a.critic_init == "reward_model":
+    if learned_reward:
         device = resolve_device(cfg.train.device)
         prefs = stages.preference_stage(cache, task, sft_key, sft_dir, cfg.preferences, cfg.reward.gold,
                                         cfg.task.seed, device)

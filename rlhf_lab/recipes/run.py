@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lab.config import PPOConfig, RunConfig, to_container
+from rlhf_lab.config import BestOfNConfig, PPOConfig, RunConfig, to_container
 from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
@@ -66,6 +66,9 @@ def run_identity(cfg: RunConfig) -> RunIdentity:
         run_id = cfg.run_id or f"{method}-{knob}-seed{cfg.seed}"
         return RunIdentity(cfg.study, run_id, method, "ppo", cfg.seed, kl_coef=a.kl_coef,
                            target_kl=a.target_kl if a.adaptive_kl else None)
+    if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
+        run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-seed{cfg.seed}"
+        return RunIdentity(cfg.study, run_id, "best_of_n", a.scorer, cfg.seed)
     run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}-seed{cfg.seed}"
     return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta)
 
@@ -92,11 +95,13 @@ def build_run_stages(cfg: RunConfig) -> list:
     stages phase runs before its sweep points, so array jobs find them ready."""
     from rlhf_lab.recipes.dpo import prepare_data
     from rlhf_lab.models.build import allow_remote_code
-    from rlhf_lab.recipes.ppo import ppo_stages
+    from rlhf_lab.recipes.ppo import ppo_stages, sampling_stages
 
     allow_remote_code(cfg.model.trust_remote_code)
     if isinstance(cfg.algo, PPOConfig):
         return ppo_stages(cfg)[3]
+    if isinstance(cfg.algo, BestOfNConfig):
+        return sampling_stages(cfg, learned_reward=cfg.algo.scorer == "reward_model")[3]
     return prepare_data(cfg, resolve_device(cfg.train.device)).stages
 
 
@@ -138,6 +143,7 @@ def _finished(run_dir: Path, force: bool) -> tuple[bool, str | None]:
 
 
 def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
+    from rlhf_lab.recipes.best_of_n import train_best_of_n
     from rlhf_lab.recipes.dpo import train_dpo
     from rlhf_lab.recipes.ppo import train_ppo
 
@@ -154,13 +160,15 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
     git = write_run_info(run_dir, resolved) if comm.is_main() else {"sha": None}
     identity = run_identity(cfg)
     tags = [identity.method, f"loss:{identity.loss_type}", f"seed:{cfg.seed}", f"git:{(git['sha'] or 'none')[:8]}"]
-    tags += [f"beta:{identity.beta:g}"] if identity.beta is not None else [f"kl_coef:{identity.kl_coef:g}"]
+    tags += [f"{name}:{value:g}" for name, value in (("beta", identity.beta), ("kl_coef", identity.kl_coef))
+             if value is not None]
     logger = RunLogger(run_dir, cfg.logger, resolved, name=identity.run_id, group=cfg.study, tags=tags,
                        is_main=comm.is_main())
     points = PointsWriter(run_dir / "points.csv") if comm.is_main() else None
     ctx = RunContext(run_dir, identity, logger, points, resume_key(cfg))
     try:
-        details = train_ppo(cfg, ctx) if isinstance(cfg.algo, PPOConfig) else train_dpo(cfg, ctx)
+        recipe = {PPOConfig: train_ppo, BestOfNConfig: train_best_of_n}.get(type(cfg.algo), train_dpo)
+        details = recipe(cfg, ctx)
     finally:
         if points is not None:
             points.close()

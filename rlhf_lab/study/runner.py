@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
-from rlhf_lab.config import (PPOConfig, RunConfig, check_keys_are_read, override_keys, to_container,
+from rlhf_lab.config import (BestOfNConfig, PPOConfig, RunConfig, check_keys_are_read, override_keys, to_container,
                              validate_run_config)
 from rlhf_lab.distributed import comm
 from rlhf_lab.study import record
@@ -218,7 +218,9 @@ def study_dir_of(cfg: RunConfig, spec: dict) -> Path:
 def stage_signature(cfg: RunConfig) -> str:
     """What decides which shared stages a run needs: two runs with equal signatures need the same stages."""
     resolved = to_container(cfg)
-    needs = "dpo" if not isinstance(cfg.algo, PPOConfig) else f"ppo:{cfg.algo.reward}:{cfg.algo.critic_init}"
+    a = cfg.algo
+    needs = (f"ppo:{a.reward}:{a.critic_init}" if isinstance(a, PPOConfig) else
+             f"best_of_n:{a.scorer}" if isinstance(a, BestOfNConfig) else "dpo")
     keep = ("task", "reward", "model", "sft", "preferences", "reward_model", "data", "cache_dir", "optim")
     return stable_hash({"needs": needs, "precision": cfg.train.precision, **{k: resolved.get(k) for k in keep}})
 
