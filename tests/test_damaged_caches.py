@@ -107,3 +107,5 @@ def test_a_damaged_finished_run_is_refused_with_a_message(tmp_path):
     finished, problem = _finished(run, force=False)
     assert not finished and "points.csv has 10 bytes" in problem and "force=true" in problem
     assert _finished(run, force=True) == (False, None)                # force: trained afresh
+    (run / COMPLETE_MARKER).write_text("ok\n")                        # finished by an rlhf_lab without manifests
+    assert _finished(run, force=False) == (True, None)                # reused (with a warning), not refused

@@ -80,6 +80,20 @@ def test_ppo_with_learned_reward_model(workspace):
     assert summary["peak_rss_mib"] > 0
 
 
+def test_best_of_n_by_the_learned_reward_model(workspace):
+    """algo.scorer=reward_model on the stages the test above built: the learned RM picks, so its score (the
+    proxy column) of the selected sample cannot fall as n grows, while gold may (over-optimisation)."""
+    run_dir = workspace / "bon_rm"
+    args = [*without(TINY_BASE, "train.", "eval.every"), "algo=best_of_n", "algo.samples=4",
+            "algo.scorer=reward_model", "reward_model.steps=10", "reward_model.normalization_samples=16",
+            f"output_root={workspace}", f"hydra.run.dir={run_dir}"]
+    run_cli(args, workspace)
+    rows = read_points(run_dir / "points.csv")
+    assert [int(r["step"]) for r in rows] == [0, 2, 4] and {r["loss_type"] for r in rows} == {"reward_model"}
+    proxy = [float(r["proxy_reward_mean"]) for r in rows]
+    assert all(a <= b + 1e-9 for a, b in zip(proxy, proxy[1:])) and proxy[-1] > proxy[0]
+
+
 def test_sigkill_then_resume_reproduces_uninterrupted_run(workspace, ppo_gt_run):
     run_dir = workspace / "killed"
     proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt"), cwd=workspace, env=cli_env(),

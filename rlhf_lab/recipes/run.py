@@ -26,7 +26,8 @@ from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.tracking.logger import RunLogger
 from rlhf_lab.tracking.run_info import write_run_info
-from rlhf_lab.utils.cache import COMPLETE_MARKER, atomic_write_text, damage, is_complete, mark_complete, stable_hash
+from rlhf_lab.utils.cache import (COMPLETE_MARKER, atomic_write_text, damage, is_complete, is_legacy, mark_complete,
+                                  stable_hash)
 from rlhf_lab.utils.errors import UserError
 from rlhf_lab.utils.lock import file_lock
 from rlhf_lab.utils.progress import reporting_to
@@ -132,9 +133,14 @@ def run_alignment(cfg: RunConfig, run_dir: Path) -> dict:
 
 def _finished(run_dir: Path, force: bool) -> tuple[bool, str | None]:
     """(finished, problem). A finished run is reused only while its files match the manifest written when it
-    finished; a damaged one is refused (its points would enter the study's table), never silently used."""
+    finished; a damaged one is refused (its points would enter the study's table), never silently used. A run
+    finished by an rlhf_lab that wrote no manifest is reused, with a warning: refusing every finished run of an
+    existing study would cost a full rerun for no evidence of damage."""
     if force or not is_complete(run_dir):
         return False, None
+    if is_legacy(run_dir):
+        log.warning("run %s finished before manifests existed: reused without verifying its files", run_dir)
+        return True, None
     problem = damage(run_dir)
     if problem is not None:
         return False, (f"run {run_dir} finished but has been damaged since: {problem}. Rerun it with force=true "

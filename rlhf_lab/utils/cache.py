@@ -31,6 +31,7 @@ from rlhf_lab.utils.errors import StorageError, UserError
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "_COMPLETE"
+LEGACY_MARKER = "ok\n"      # what rlhf_lab wrote before markers became manifests: nothing to verify against
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}   # out of space, out of quota, read-only file system
 
 
@@ -72,6 +73,14 @@ def damage(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} when it was published (truncated?)"
     return None
+
+
+def is_legacy(path: Path) -> bool:
+    """Published by an rlhf_lab that wrote no manifest: complete then, but unverifiable now."""
+    try:
+        return (Path(path) / COMPLETE_MARKER).read_text() == LEGACY_MARKER
+    except OSError:
+        return False
 
 
 def is_intact(path: Path) -> bool:
