@@ -73,12 +73,18 @@ def train_app(raw: DictConfig) -> dict | None:
 
 
 def quiet_libraries() -> None:
-    """Progress bars from transformers/datasets drown the training log; errors still show."""
+    """Progress bars from transformers/datasets drown the training log; errors still show. Said through the
+    environment, which transformers and huggingface_hub read when first imported, so a command that never needs
+    transformers (a config error, `status`) does not pay a second for importing it; set directly as well when it
+    is already imported (joblib/submitit workers). A user's own TRANSFORMERS_VERBOSITY wins."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:   # imported before the environment said so
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity(hf_logging.log_levels.get(os.environ["TRANSFORMERS_VERBOSITY"], hf_logging.ERROR))
 
 
 def follower_overrides(args: list[str]) -> list[str]:
