@@ -9,6 +9,7 @@ study's judges compare best-of-K against SFT like any method's final checkpoint 
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -29,6 +30,8 @@ from rlhf_lab.recipes.ppo import sampling_stages
 from rlhf_lab.recipes.run import RunContext, trainer_strategy
 from rlhf_lab.rewards.source import LearnedRewardSource
 from rlhf_lab.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def n_values(k: int) -> list[int]:
@@ -68,6 +71,10 @@ def train_best_of_n(cfg: RunConfig, ctx: RunContext) -> dict:
         per_prompt["proxy"] = proxy
     per_prompt = {k: v.reshape(len(prompts), a.samples) for k, v in per_prompt.items()}      # (P, K) each
     scores = per_prompt["proxy"] if a.scorer == "reward_model" else per_prompt["gold"]
+    unscored = int((~(np.isfinite(scores).all(1) & np.isfinite(per_prompt["gold"]).all(1))).sum())
+    if unscored:
+        log.warning("best-of-n: %d of %d prompts have a sample without a finite score; they are left out of every "
+                    "row", unscored, len(prompts))
     for n in n_values(a.samples):
         step = 0 if n == 1 else n
         expected = {k: expected_best_of_n(scores, v, n) for k, v in per_prompt.items()}      # (P,) each
