@@ -17,7 +17,7 @@ from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-# ENVIRONMENT.md's flags; no network, no first-run or update work in the background
+# flags that work in a root container without a display: no network, no first-run or update work in the background
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,1000",
          "--disable-crash-reporter", "--disable-breakpad"]

@@ -3,7 +3,7 @@
     python -m tests.slurm_cluster DIR     start one in DIR, print `export SLURM_CONF=...`, stop it on Ctrl-C
 
 Everything lives in one private directory: a fresh munge key, munged with its own socket, slurm.conf (the
-configuration /work/shared/ENVIRONMENT.md found to work: auth/munge, linuxproc, no accounting), state, spool, logs
+configuration that works on a single container without systemd: auth/munge, linuxproc, no accounting), state, spool, logs
 and pid files, on free ports, so it never touches a system-wide munge or slurm.
 
 The daemons run in the foreground under a small supervisor process that makes itself the *child subreaper*: slurmd

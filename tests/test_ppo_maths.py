@@ -1,8 +1,8 @@
 """Tests for rlhf_lab.algos.ppo.
 
-Expected values are computed here with plain Python loops and ``math`` in float64 from the formulas
-(REFERENCE.md "PPO for language models", TRL's PPOTrainer), never by calling the function under test; GAE is also
-cross-checked against a second, independent implementation (discounted sums through a matrix of (γλ)^k).
+Expected values are computed here with plain Python loops and ``math`` in float64 from the formulas (Ziegler et
+al. 2019 "Fine-tuning language models from human preferences"; Schulman et al. 2016, GAE; TRL's PPOTrainer), never
+by calling the function under test; GAE is also cross-checked against a second, independent implementation (discounted sums through a matrix of (γλ)^k).
 """
 
 from __future__ import annotations

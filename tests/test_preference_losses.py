@@ -1,7 +1,7 @@
 """Tests for rlhf_lab.algos.preference.
 
-Expected values are computed here with plain ``math`` from the formulas (REFERENCE.md, checked against TRL 1.16's
-source), never by calling the function under test; inputs are float64 and the tolerance is tight.
+Expected values are computed here with plain ``math`` from the formulas (the papers' equations, checked against
+TRL 1.16's source), never by calling the function under test; inputs are float64 and the tolerance is tight.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rlhf_lab.algos.preference import (
 from tests.float64 import ATOL, RTOL, assert_close, logsig, sig, t  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------- data
-# REFERENCE.md worked example (policy lc/lr, reference Lc/Lr); lengths deliberately unequal.
+# a worked example (policy lc/lr, reference Lc/Lr); lengths deliberately unequal.
 LC = [-1.5, -2.0, -1.8, -2.2]
 LR = [-2.5, -2.8, -2.0, -3.0]
 REF_C = [-1.8, -2.1, -1.9, -2.3]

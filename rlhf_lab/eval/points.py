@@ -1,4 +1,4 @@
-"""The points table: the contract between runs, the study, reports, W&B and notebooks (DESIGN.md).
+"""The points table: the contract between runs, the study, reports, W&B and notebooks.
 
 One row per (run, evaluation step). Every method writes the same columns; KL is always the sequence-level
 KL(π‖π_ref) on the policy's own samples at the evaluation temperature, in nats.

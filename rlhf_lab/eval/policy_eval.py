@@ -1,7 +1,7 @@
-"""Evaluation shared by every method (DPO family now, PPO later): sample on held-out prompts, score the gold
+"""Evaluation shared by every method (DPO family, PPO, PPO-GT): sample on held-out prompts, score the gold
 reward, and measure the sequence-level KL(π‖π_ref) on the policy's own samples at the evaluation temperature.
 
-Two KL figures per sequence (DESIGN.md): `kl` is the exact per-token KL over the full vocabulary summed over
+Two KL figures per sequence: `kl` is the exact per-token KL over the full vocabulary summed over
 the completion — the DPO paper's "sum of per-timestep KLs", always ≥ 0, low variance; `kl_sampled` is the
 single-sample log-ratio Σ_t log π(y_t)/π_ref(y_t), an unbiased but noisy estimate of the same quantity.
 """

@@ -54,7 +54,7 @@ class KLTerms:
 
 @torch.no_grad()
 def sequence_kl(policy, reference, seqs: SequenceBatch, temperature: float = 1.0) -> KLTerms:
-    """Sequence-level KL(π‖π_ref) on given samples, two ways (DESIGN.md: KL is measured this way for every method)."""
+    """Sequence-level KL(π‖π_ref) on given samples, two ways (every method's KL is measured this way: one KL for the whole frontier)."""
     pol = torch.log_softmax(completion_logits(policy, seqs, temperature).float(), -1)   # (N, C, V)
     ref = torch.log_softmax(completion_logits(reference, seqs, temperature).float(), -1)
     mask = seqs.completion_mask
