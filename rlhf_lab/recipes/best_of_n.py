@@ -19,6 +19,7 @@ from rlhf_lab.algos.best_of_n import expected_best_of_n, kl_bound
 from rlhf_lab.config import BestOfNConfig, RunConfig
 from rlhf_lab.data.tokenize import encode_prompt
 from rlhf_lab.distributed import comm
+from rlhf_lab.distributed.strategy import TorchStrategy
 from rlhf_lab.eval.points import point_row
 from rlhf_lab.eval.policy_eval import EvalResult, decode_samples, mean_se, sample_records, split_samples
 from rlhf_lab.eval.samples import write_samples
@@ -27,7 +28,7 @@ from rlhf_lab.models.heads import load_scalar_model
 from rlhf_lab.models.sampling import sample_completions
 from rlhf_lab.recipes.dpo import stage_seconds
 from rlhf_lab.recipes.ppo import sampling_stages
-from rlhf_lab.recipes.run import RunContext, trainer_strategy
+from rlhf_lab.recipes.run import RunContext
 from rlhf_lab.rewards.source import LearnedRewardSource
 from rlhf_lab.utils.errors import ConfigError
 
@@ -46,7 +47,9 @@ def train_best_of_n(cfg: RunConfig, ctx: RunContext) -> dict:
     if comm.world_size() > 1:
         raise ConfigError("algo=best_of_n samples in one process: run it without torchrun / resources.processes")
     task, sft_dir, rm_dir, used = sampling_stages(cfg, learned_reward=a.scorer == "reward_model")
-    strategy = trainer_strategy(cfg, 1, None, 1)          # placement and precision only: nothing is trained
+    # placement and precision only, in one process: nothing is trained, so no strategy a study sets for its other
+    # arms (DeepSpeed engines) applies here
+    strategy = TorchStrategy(device=cfg.train.device, precision=cfg.train.precision)
     tokenizer = load_tokenizer(sft_dir)
     policy = strategy.place(freeze(load_causal_lm(sft_dir)))
     prompts = task.test_prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else task.test_prompts
