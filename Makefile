@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 # The embedded default study (IMDb, the DPO paper's Figure 2 in miniature): shared stages -> DPO / PPO / PPO-GT
-# sweeps x 2 seeds -> judges -> outputs/imdb/{points.csv,frontier.csv,figures/,report.html}
+# sweeps x 2 seeds -> judges -> outputs/frontier-imdb/{points.csv,frontier.csv,figures/,report.html}
 study: $(STAMP)
 	$(BIN)/rlhf-lab study $(STUDY_ARGS)
 

@@ -28,17 +28,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from rlhf_lab import paths
 from rlhf_lab.trainers.errors import NonFiniteLossError, PreemptedError
 from rlhf_lab.utils.errors import UserError
 
-CONF_DIR = str(Path(__file__).parent / "conf")
+CONF_DIR = str(paths.CONF_DIR)
 log = logging.getLogger("rlhf_lab")
 _TASK_STARTED = False   # set when Hydra has composed the config and entered train_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train_app(raw: DictConfig) -> dict | None:
-    from rlhf_lab.config import check_keys_are_read, override_keys, validate_run_config
+    from rlhf_lab.config import validate_run_config
+    from rlhf_lab.config_keys import check_keys_are_read, override_keys
 
     hc = HydraConfig.get()
     global _TASK_STARTED

@@ -164,6 +164,19 @@ class TrainConfig:
     threads: Optional[int] = None       # torch intra-op threads on CPU; None = torch default
     compile: bool = False               # torch.compile the policy's training forward (DPO family); batches are
                                         # padded to data.max_prompt_length / max_completion_length so it compiles once
+    budget: "BudgetConfig" = field(default_factory=lambda: BudgetConfig())
+
+
+BUDGET_UNITS = ("samples", "flops", "seconds")
+
+
+@dataclass
+class BudgetConfig:
+    """Train to a cost instead of a step count (trainers/compute.py counts it), so arms compare at equal cost."""
+
+    by: Optional[str] = None            # null: train.steps | samples (episodes or pairs: sets train.steps) | flops |
+                                        # seconds (train until spent, at most train.steps; evaluated where it stops)
+    value: Optional[float] = None       # how many
 
 
 @dataclass
@@ -240,6 +253,23 @@ def _validate_semantics(cfg: RunConfig) -> None:
     else:
         _validate_dpo(cfg.algo)
     _validate_common(cfg)
+    _apply_budget(cfg)
+
+
+def _apply_budget(cfg: RunConfig) -> None:
+    """A samples budget becomes the step count here, once; flops and seconds are checked while training."""
+    from rlhf_lab.trainers.compute import examples_per_step, steps_for_budget
+
+    b = cfg.train.budget
+    _check(b.by in (None, *BUDGET_UNITS), "train.budget.by", f"null | {' | '.join(BUDGET_UNITS)}", b.by)
+    _check((b.by is None) == (b.value is None), "train.budget.value", "set exactly when train.budget.by is",
+           b.value)
+    _check(b.value is None or b.value > 0, "train.budget.value", "> 0", b.value)
+    if b.by is not None and isinstance(cfg.algo, BestOfNConfig):
+        raise ConfigError("config key 'train.budget': algo=best_of_n trains nothing, so a training budget does not "
+                          "apply (its cost is its samples: algo.samples per prompt)")
+    if b.by == "samples":
+        cfg.train.steps = steps_for_budget(b.value, examples_per_step(cfg))
 
 
 def _validate_ppo(a: PPOConfig) -> None:
@@ -321,62 +351,6 @@ def validate_reward_model(r: "RewardModelConfig") -> None:
     ]
     for ok, key, expected, value in checks:
         _check(ok, f"reward_model.{key}", expected, value)
-
-
-def unread_keys(cfg: RunConfig) -> dict[str, str]:
-    """Config keys (or group prefixes ending in '.') that this run never reads, with what it reads instead.
-    A user who sets one of them expects it to matter: `check_keys_are_read` makes that an error."""
-    unread: dict[str, str] = {}
-    a = cfg.algo
-    if isinstance(a, PPOConfig):
-        name = "algo.reward=gold (PPO-GT)" if a.reward == "gold" else f"algo={a.name}"
-        unread.update({
-            "train.batch_size": f"{name} takes algo.rollout_batch_size episodes per step",
-            "train.micro_batch_size": f"{name} uses algo.micro_batch_size",
-            "train.compile": "only the DPO family compiles its training forward",
-            "optim.lr": f"{name} uses algo.actor_lr and algo.critic_lr",
-            "optim.warmup_steps": f"{name} uses algo.warmup_steps",
-            "data.source": f"{name} samples its own completions on the task's prompts",
-            "data.split": f"{name} reads no preference dataset", "data.max_pairs": f"{name} reads no pairs",
-        })
-        if a.reward != "learned" and a.critic_init != "reward_model":
-            reason = f"with algo.reward={a.reward} and algo.critic_init={a.critic_init} no reward model is trained"
-            unread.update({"reward_model.": reason, "preferences.": reason})
-    elif isinstance(a, BestOfNConfig):
-        unread.update({key: "algo=best_of_n trains nothing: it samples from the SFT model" for key in (
-            "train.steps", "train.batch_size", "train.micro_batch_size", "train.compile", "train.save_model",
-            "optim.lr", "optim.weight_decay", "optim.warmup_steps", "eval.every", "strategy.")})
-        unread.update({"data.source": "algo=best_of_n samples on the task's prompts",
-                       "data.split": "algo=best_of_n reads no preference dataset",
-                       "data.max_pairs": "algo=best_of_n reads no pairs"})
-        if a.scorer == "gold":
-            reason = "algo.scorer=gold: no reward model is trained"
-            unread.update({"reward_model.": reason, "preferences.": reason, "data.": reason})
-    else:
-        unread["reward_model."] = "the DPO family trains no reward model (algo=ppo does)"
-        if cfg.data.source is not None:
-            unread["preferences."] = "data.source replaces the generated preference pairs"
-    if cfg.task.name == "none":
-        unread.update({"sft.": "task=none has no SFT data: the model is used as it is",
-                       "reward.gold": "task=none has no gold reward", "preferences.": "task=none generates no pairs"})
-    elif not cfg.model.sft:
-        unread["sft."] = "model.sft=false skips the SFT stage"
-    return unread
-
-
-def check_keys_are_read(cfg: RunConfig, user_keys: list[str], where: str = "") -> None:
-    """Refuse a key the user set (an override, a sweep key) that the selected algorithm and data never read."""
-    unread = unread_keys(cfg)
-    for key in user_keys:
-        for prefix, reason in unread.items():
-            if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
-                raise ConfigError(f"{where}config key '{key}' is set but never read: {reason}. Remove it (it would "
-                                  "be silently ignored)")
-
-
-def override_keys(overrides: list[str]) -> list[str]:
-    """The config keys named by Hydra override strings (`key=value`, `+key=value`, `~key`)."""
-    return [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")]
 
 
 def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:

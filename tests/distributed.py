@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlhf_lab.eval.points import MACHINE_COLUMNS
 from tests.cli import REPO, cli_env
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
@@ -54,7 +55,7 @@ def kill_after_checkpoint(args: list[str], cwd: Path, step: int, nproc: int = 2,
     assert "Signals.SIGKILL" in proc.stderr or "-9" in proc.stderr, proc.stderr[-2000:]
 
 
-def train_metrics(run_dir: Path, volatile: tuple[str, ...] = ("per_s",)) -> list[dict]:
+def train_metrics(run_dir: Path, volatile: tuple[str, ...] = ("per_s", *MACHINE_COLUMNS)) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not any(s in k for s in volatile)} for r in rows]
 
@@ -81,7 +82,7 @@ def smoke_study_file(tmp: Path, name: str, arms: dict[str, dict], **extra) -> Pa
     """The smoke study's tiny overrides with the given arms (and extra top-level keys such as resources)."""
     import yaml
 
-    spec = yaml.safe_load((REPO / "rlhf_lab" / "conf" / "studies" / "smoke.yaml").read_text())
+    spec = yaml.safe_load((REPO / "conf" / "studies" / "smoke.yaml").read_text())
     spec.pop("judges", None)
     spec.update({"name": name, "arms": arms, **extra})
     path = tmp / f"{name}.yaml"

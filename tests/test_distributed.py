@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf_lab.eval.points import MACHINE_COLUMNS
 from tests.cli import run_cli
 from tests.distributed import (assert_metrics_close, kill_after_checkpoint, run_torchrun, smoke_study_file,
                                train_metrics)
@@ -48,9 +49,10 @@ def args(workspace: Path, run: str, *extra: str, cache: str = "cache") -> list[s
 
 
 def read_points(path: Path) -> list[dict]:
+    """The rows as numbers, without the columns that depend on the machine (wall seconds, peak memory)."""
     with open(path) as f:
         return [{k: (float(v) if k not in ("study", "run_id", "method", "loss_type") and v else v)
-                 for k, v in row.items()} for row in csv.DictReader(f)]
+                 for k, v in row.items() if k not in MACHINE_COLUMNS} for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,8 @@ def test_ppo_zero3_with_offloaded_eval_engines_matches_ddp(workspace, stages_two
     run = f"ppo-z3-{generation}"
     run_torchrun(args(workspace, run, *PPO, "strategy=zero3", "strategy.reference_offload_param=true", "strategy.reward_offload_param=true",
                       f"strategy.generation={generation}", cache="cache2"), workspace)
-    ddp, zero3 = train_metrics(workspace / "ppo-ddp"), train_metrics(workspace / run)
+    # cost columns left out: synced generation steps every rank until all have finished, so it forwards more tokens
+    ddp, zero3 = (train_metrics(workspace / r, volatile=("per_s", "cost/")) for r in ("ppo-ddp", run))
     assert_metrics_close(zero3, ddp, 1e-4, 1e-5, {**LOOSE, "loss/value_avg": 1e-3, "val/ratio_var": 1e-2})
     lengths = [m["val/response_length"] for m in zero3 if "val/response_length" in m]
     assert lengths and all(0 < x <= 10 for x in lengths)

@@ -3,11 +3,12 @@ chosen completions, gradient accumulation and bf16 autocast work, and a NaN loss
 from __future__ import annotations
 
 import copy
+import csv
 
 import pytest
 import torch
 
-from rlhf_lab.config import AlgoConfig, EvalConfig, LoggerConfig, OptimConfig, TrainConfig
+from rlhf_lab.config import AlgoConfig, BudgetConfig, EvalConfig, LoggerConfig, OptimConfig, TrainConfig
 from rlhf_lab.data.batches import TokenizedPair
 from rlhf_lab.data.collate import collate_pairs
 from rlhf_lab.distributed.strategy import TorchStrategy
@@ -15,6 +16,7 @@ from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.models.build import frozen_copy
 from rlhf_lab.models.logprobs import sequence_logps
 from rlhf_lab.tracking.logger import RunLogger
+from rlhf_lab.trainers.compute import matmul_weights
 from rlhf_lab.trainers.dpo import DPOInputs, DPOTrainer, NonFiniteLossError
 
 
@@ -36,7 +38,8 @@ def reference_table(model, pairs, pad_id) -> torch.Tensor:
     return torch.stack([logps[: len(pairs)], logps[len(pairs):]], dim=1)
 
 
-def build_trainer(tiny_model, tiny_tokenizer, tmp_path, *, table=None, precision="fp32", micro=4, loss="sigmoid"):
+def build_trainer(tiny_model, tiny_tokenizer, tmp_path, *, table=None, precision="fp32", micro=4, loss="sigmoid",
+                  budget=None):
     pairs = make_pairs(16)
     reference = frozen_copy(tiny_model)
     policy = copy.deepcopy(tiny_model)
@@ -44,6 +47,7 @@ def build_trainer(tiny_model, tiny_tokenizer, tmp_path, *, table=None, precision
     inputs = DPOInputs(policy, reference, tiny_tokenizer, pairs, table, [[5, 6], [7, 8]], None,
                        RunIdentity("t", "r", "dpo", loss, 0, beta=0.1))
     train = TrainConfig(steps=4, batch_size=8, micro_batch_size=micro, precision=precision)
+    train.budget = budget or train.budget
     strategy = TorchStrategy("cpu", precision, train.batch_size // train.micro_batch_size, 10.0)
     logger = RunLogger(tmp_path, LoggerConfig(name="none", mode="disabled"), {}, name="r", group="t", tags=[])
     points = PointsWriter(tmp_path / "points.csv")
@@ -123,3 +127,24 @@ def test_compiled_training_forward_matches_eager(tiny_model, tiny_tokenizer, tmp
     loss_e, _ = eager.compute_loss(pairs[:4])
     loss_c, _ = trainer.compute_loss(pairs[:4])
     assert abs(loss_e.item() - loss_c.item()) < 1e-4
+
+
+def test_points_carry_the_cost_and_a_flops_budget_stops_where_it_is_spent(tiny_model, tiny_tokenizer, tmp_path):
+    full, _, _ = build_trainer(tiny_model, tiny_tokenizer, tmp_path / "full")
+    full.train()
+    rows = list(csv.DictReader(open(tmp_path / "full" / "points.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert float(rows[0]["train_flops"]) == 0 and int(rows[0]["tokens_backward_policy"]) == 0
+    # the cached reference table means no reference forwards; the sigmoid loss needs none without a backward
+    at_2, at_4 = rows[1], rows[2]
+    assert int(at_2["tokens_forward_reference"]) == 0 and int(at_2["tokens_forward_policy"]) == 0
+    assert float(at_2["train_flops"]) == 6 * matmul_weights(tiny_model) * int(at_2["tokens_backward_policy"])
+    assert int(at_4["tokens_backward_policy"]) > int(at_2["tokens_backward_policy"]) > 0
+    assert float(at_4["train_seconds"]) > float(at_2["train_seconds"]) > 0
+
+    budget = BudgetConfig(by="flops", value=float(at_2["train_flops"]))
+    capped, _, _ = build_trainer(tiny_model, tiny_tokenizer, tmp_path / "capped", budget=budget)
+    capped.train()
+    capped_rows = list(csv.DictReader(open(tmp_path / "capped" / "points.csv")))
+    assert [int(r["step"]) for r in capped_rows] == [0, 2]         # stopped, and evaluated, where it was spent
+    assert capped_rows[-1]["train_flops"] == at_2["train_flops"]

@@ -125,3 +125,25 @@ def test_cached_sampling_uses_the_current_cache_api_and_equals_uncached_greedy(a
             with torch.no_grad():
                 ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         assert seqs.input_ids[row, seqs.prompt_width:][: len(ids) - len(prompt)].tolist() == ids[len(prompt):]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_a_separate_forward(tiny_model, tiny_tokenizer, temperature):
+    """PPO's π_old comes from the sampler's own logits; a second forward over the finished sequences (what the
+    rollout used to run) gives the same numbers, up to the float rounding of KV-cached against full matmuls."""
+    from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
+    from rlhf_lab.models.sampling import sample_with_logprobs
+
+    prompts = [[5, 6, 7, 8], [9], [10, 11], [12, 13, 14]]
+    eos = tiny_tokenizer.eos_token_id
+    seqs, logps = sample_with_logprobs(tiny_model, prompts, eos_id=eos, pad_id=tiny_tokenizer.pad_token_id,
+                                       max_new_tokens=12, temperature=temperature, batch_size=3,
+                                       generator=torch.Generator().manual_seed(3))
+    again = token_logps_from_logits(completion_logits(tiny_model, seqs, temperature), seqs)
+    assert logps.shape == again.shape == seqs.completion_mask.shape
+    assert torch.equal(logps == 0, seqs.completion_mask == 0)         # 0 exactly on padding, nowhere else
+    torch.testing.assert_close(logps, again, rtol=0, atol=2e-6)
+    plain = sample_completions(tiny_model, prompts, eos_id=eos, pad_id=tiny_tokenizer.pad_token_id,
+                               max_new_tokens=12, temperature=temperature, batch_size=3,
+                               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain.input_ids, seqs.input_ids)                # the same samples either way

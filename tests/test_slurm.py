@@ -32,7 +32,7 @@ def rlhf_lab(*args: str, env: dict | None = None, timeout: float = 300) -> subpr
 
 def smoke_subset(tmp: Path, arms: tuple[str, ...]) -> Path:
     """The smoke study (its tiny overrides, kept in step with it) restricted to a few arms: 3 sweep points."""
-    spec = yaml.safe_load((REPO / "rlhf_lab" / "conf" / "studies" / "smoke.yaml").read_text())
+    spec = yaml.safe_load((REPO / "conf" / "studies" / "smoke.yaml").read_text())
     spec["name"] = "smoke_slurm"
     spec["arms"] = {arm: spec["arms"][arm] for arm in arms}
     path = tmp / "smoke_slurm.yaml"

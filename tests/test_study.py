@@ -84,7 +84,7 @@ def test_rerun_reuses_every_stage_and_run(smoke_study_dir):
 def failing_study(tmp_path: Path, smoke_dir: Path) -> Path:
     """The smoke study's settings with one good DPO point and one whose dataset does not exist; it shares the
     smoke study's stage cache, so only the two runs cost time."""
-    smoke = yaml.safe_load((Path(__file__).parents[1] / "rlhf_lab/conf/studies/smoke.yaml").read_text())
+    smoke = yaml.safe_load((Path(__file__).parents[1] / "conf/studies/smoke.yaml").read_text())
     spec = {"name": "flaky", "seeds": [0],
             "overrides": smoke["overrides"] + [f"cache_dir={smoke_dir.parent / 'cache'}"],
             "arms": {"good": {"overrides": ["algo=dpo"], "sweep": {"algo.beta": [0.1]}},

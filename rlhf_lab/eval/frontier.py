@@ -35,10 +35,15 @@ _Z = 1.959963984540054  # two-sided 95% normal quantile, for the single-seed fal
 AGG_COLUMNS = [
     "method_label", "setting", *SETTING_KEYS, "step", "n_seeds", "kl_mean", "kl_ci_low", "kl_ci_high",
     "gold_mean", "gold_ci_low", "gold_ci_high", "proxy_mean", "response_len_mean", "ci_kind",
+    "train_samples_mean", "train_flops_mean", "train_seconds_mean",   # seed-mean cost spent by this step
 ]
 BUDGET_COLUMNS = [
     "method_label", "kl_budget", "gold_mean", "gold_ci_low", "gold_ci_high", "kl_mean", "setting", "step",
     "n_seeds", "ci_kind",
+]
+COST_BUDGET_COLUMNS = [
+    "method_label", "flops_budget", "gold_mean", "gold_ci_low", "gold_ci_high", "train_flops_mean", "kl_mean",
+    "setting", "step", "n_seeds", "ci_kind",
 ]
 
 
@@ -112,9 +117,15 @@ def aggregate_seeds(points: pd.DataFrame) -> pd.DataFrame:
             "kl_mean": kl, "kl_ci_low": kl_lo, "kl_ci_high": kl_hi,
             "gold_mean": gold, "gold_ci_low": gold_lo, "gold_ci_high": gold_hi,
             "proxy_mean": float(g["proxy_reward_mean"].mean()), "response_len_mean": float(g["response_len_mean"].mean()),
-            "ci_kind": kind,
+            "ci_kind": kind, **_cost_means(g),
         })
     return pd.DataFrame(rows, columns=AGG_COLUMNS)
+
+
+def _cost_means(group: pd.DataFrame) -> dict[str, float]:
+    """Seed-mean cost columns (NaN for a points table written before rlhf_lab recorded costs)."""
+    return {f"{c}_mean": float(pd.to_numeric(group[c], errors="coerce").mean()) if c in group else math.nan
+            for c in ("train_samples", "train_flops", "train_seconds")}
 
 
 def frontier_mask(kl: np.ndarray, gold: np.ndarray) -> np.ndarray:
@@ -158,32 +169,58 @@ def best_at_kl_budgets(points: pd.DataFrame, budgets: Sequence[float]) -> pd.Dat
     Takes the raw points table. A method with no point under a budget gets a row with NaN gold (the table
     stays rectangular). Ties in gold go to the lower KL. The best point under a budget is always a frontier point.
     """
+    return _best_within(points, budgets, "kl_mean", "kl_budget", BUDGET_COLUMNS)
+
+
+def best_at_cost_budgets(points: pd.DataFrame, budgets: Sequence[float]) -> pd.DataFrame:
+    """Gold at equal cost: the best seed-mean gold per method among trained points whose seed-mean training FLOPs
+    (`train_flops`, trainers/compute.py) are within each budget (`COST_BUDGET_COLUMNS`); as `best_at_kl_budgets`."""
+    return _best_within(points, budgets, "train_flops_mean", "flops_budget", COST_BUDGET_COLUMNS)
+
+
+def _best_within(points: pd.DataFrame, budgets: Sequence[float], column: str, budget_name: str,
+                 columns: list[str]) -> pd.DataFrame:
+    """Per method and budget, the trained point with the best gold among those with `column` ≤ budget (ties to
+    the lower `column`); an empty budget gives a row of NaNs."""
     agg = trained_points(aggregate_seeds(points))
     rows = []
     for label in sorted(agg["method_label"].unique()):
         g = agg[agg["method_label"] == label]
         for budget in budgets:
-            under = g[g["kl_mean"] <= budget].sort_values(["gold_mean", "kl_mean"], ascending=[False, True])
+            under = g[g[column] <= budget].sort_values(["gold_mean", column], ascending=[False, True])
             if under.empty:
-                rows.append({"method_label": label, "kl_budget": float(budget), "gold_mean": math.nan,
-                             "gold_ci_low": math.nan, "gold_ci_high": math.nan, "kl_mean": math.nan,
-                             "setting": "", "step": pd.NA, "n_seeds": 0, "ci_kind": ""})
+                empty = {c: math.nan for c in columns} | {"setting": "", "step": pd.NA, "n_seeds": 0, "ci_kind": ""}
+                rows.append({**empty, "method_label": label, budget_name: float(budget)})
                 continue
             best = under.iloc[0]
-            rows.append({"method_label": label, "kl_budget": float(budget),
-                         **{c: best[c] for c in BUDGET_COLUMNS if c not in ("method_label", "kl_budget")}})
-    return pd.DataFrame(rows, columns=BUDGET_COLUMNS)
+            rows.append({"method_label": label, budget_name: float(budget),
+                         **{c: best[c] for c in columns if c not in ("method_label", budget_name)}})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def default_kl_budgets(points: pd.DataFrame, max_budgets: int = 5) -> list[float]:
     """A 1-2-5 series of KL budgets spanning the trained points' KL range (the smoke study's KL is 100× smaller
     than the IMDb study's, so fixed budgets would be empty or trivial for one of them)."""
-    kl = pd.to_numeric(points.loc[points["step"] > 0, "kl_mean"], errors="coerce").dropna()
-    kl = kl[kl > 0]
-    if kl.empty:
+    return spanning_budgets(points.loc[points["step"] > 0, "kl_mean"], max_budgets)
+
+
+def default_cost_budgets(points: pd.DataFrame, max_budgets: int = 5) -> list[float]:
+    """A 1-2-5 series of FLOP budgets spanning the trained points' training FLOPs (empty without cost columns)."""
+    if "train_flops" not in points:
+        return []
+    return spanning_budgets(points.loc[points["step"] > 0, "train_flops"], max_budgets) \
+        if pd.to_numeric(points["train_flops"], errors="coerce").gt(0).any() else []
+
+
+def spanning_budgets(values: pd.Series, max_budgets: int = 5) -> list[float]:
+    """1-2-5 series from the smallest positive value to (just past) the largest, thinned to `max_budgets`."""
+    positive = pd.to_numeric(values, errors="coerce").dropna()
+    positive = positive[positive > 0]
+    if positive.empty:
         return [1.0]
-    lo, hi = float(kl.min()), float(kl.max())
-    series = [m * 10.0 ** e for e in range(-4, 5) for m in (1, 2, 5)]
+    lo, hi = float(positive.min()), float(positive.max())
+    series = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+              for m in (1, 2, 5)]
     chosen = [b for b in series if b >= lo and b < hi] + [next(b for b in series if b >= hi)]
     if len(chosen) > max_budgets:  # thin evenly, keeping the largest (it covers every point)
         idx = np.unique(np.round(np.linspace(0, len(chosen) - 1, max_budgets)).astype(int))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from rlhf_lab.eval.policy_eval import EvalResult
+from rlhf_lab.trainers.compute import COST_COLUMNS
 
 POINT_COLUMNS = [
     "study", "run_id", "method", "loss_type", "beta", "kl_coef", "target_kl", "seed", "step", "samples",
@@ -19,7 +20,12 @@ POINT_COLUMNS = [
     "temperature",
     # beyond the contract's minimum: the noisier sampled-KL estimate and EOS rate, for diagnostics
     "kl_sampled_mean", "kl_sampled_se", "eos_fraction",
+    # what the run had spent when this row was evaluated (trainers/compute.py): the cost axis of the frontier;
+    # wall seconds and peak memory depend on the machine, the other columns only on the configuration
+    *COST_COLUMNS,
 ]
+# columns that depend on the machine and its load, not on the configuration: left out when runs are compared
+MACHINE_COLUMNS = ("train_seconds", "peak_rss_mib")
 
 
 @dataclass
@@ -34,7 +40,9 @@ class RunIdentity:
     target_kl: Optional[float] = None
 
 
-def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward: Optional[float] = None) -> dict:
+def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward: Optional[float] = None,
+              cost: Optional[dict] = None) -> dict:
+    """One row; `cost` is ComputeMeter.totals() at this step (None: no training cost recorded)."""
     row = {
         "study": identity.study, "run_id": identity.run_id, "method": identity.method,
         "loss_type": identity.loss_type, "beta": identity.beta, "kl_coef": identity.kl_coef,
@@ -44,6 +52,7 @@ def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward
         "response_len_mean": result.response_len_mean, "temperature": result.temperature,
         "kl_sampled_mean": result.kl_sampled_mean, "kl_sampled_se": result.kl_sampled_se,
         "eos_fraction": result.eos_fraction,
+        **{column: (cost or {}).get(column) for column in COST_COLUMNS},
     }
     return {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()}
 

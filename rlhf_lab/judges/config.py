@@ -6,9 +6,9 @@ Secrets never live here: the OpenAI judge names the environment variable (or fil
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Union
 
+from rlhf_lab.paths import CONF_DIR
 from rlhf_lab.utils.errors import ConfigError
 
 
@@ -71,7 +71,7 @@ class OpenAIJudgeConfig(BaseJudgeConfig):
 
 
 JudgeConfig = Union[OracleJudgeConfig, HFJudgeConfig, OpenAIJudgeConfig]
-PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "judge"
+PRESET_DIR = CONF_DIR / "judge"
 JUDGE_SCHEMAS: dict[str, type] = {"oracle": OracleJudgeConfig, "hf": HFJudgeConfig, "openai": OpenAIJudgeConfig}
 
 
@@ -106,7 +106,7 @@ def parse_judge_configs(nodes: list) -> list[JudgeConfig]:
 
 
 def load_judge_preset(name: str, overrides: dict | None = None) -> JudgeConfig:
-    """A judge from the `judge` config group (`rlhf_lab/conf/judge/<name>.yaml`), with optional key overrides."""
+    """A judge from the `judge` config group (`conf/judge/<name>.yaml`), with optional key overrides."""
     from omegaconf import OmegaConf
 
     path = PRESET_DIR / f"{name}.yaml"

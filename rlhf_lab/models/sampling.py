@@ -36,12 +36,35 @@ def sample_completions(
     progress: str | None = None,
 ) -> SequenceBatch:
     """One completion per prompt (repeat prompts for k samples). Returns (N, P + C) with C ≤ max_new_tokens.
+    `sample_with_logprobs` also returns each sampled token's log-probability.
     temperature=0 decodes greedily; a negative temperature is an error.
 
     uniforms: (N, max_new_tokens) in [0, 1) instead of drawing them from `generator` (a rank's rows of a matrix
     drawn for all ranks). sync_finish: the forwards are collectives (a ZeRO-3 engine that was not gathered), so
     every rank keeps stepping until all ranks' rows have finished; every rank must pass the same number of
     batches. progress: what to call this sampling in progress reports (None: silent, as inside a PPO step)."""
+    return _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, batch_size, generator, uniforms,
+                   sync_finish, progress, with_logprobs=False)[0]
+
+
+@torch.no_grad()
+def sample_with_logprobs(model, prompt_ids: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+                         temperature: float = 1.0, batch_size: int = 128, generator: torch.Generator | None = None,
+                         uniforms: torch.Tensor | None = None, sync_finish: bool = False,
+                         progress: str | None = None) -> tuple[SequenceBatch, torch.Tensor]:
+    """`sample_completions`, plus log π(y_t | x, y_<t) of every sampled token at `temperature` from the sampler's
+    own logits: (N, C) float32, 0 on padding. The same numbers a second forward over the finished sequences gives
+    (`models.logprobs`, same temperature and precision; up to float rounding, since a KV-cached step multiplies
+    smaller matrices), at no extra forward: PPO's π_old (Huang et al. 2022, "The N+ implementation details of
+    RLHF with PPO", detail 4; TRL takes them from its generation logits too)."""
+    if not temperature > 0:
+        raise ValueError(f"log-probabilities need a temperature > 0, got {temperature!r}")
+    return _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, batch_size, generator, uniforms,
+                   sync_finish, progress, with_logprobs=True)
+
+
+def _sample(model, prompt_ids, eos_id, pad_id, max_new_tokens, temperature, batch_size, generator, uniforms,
+            sync_finish, progress, with_logprobs: bool) -> tuple[SequenceBatch, torch.Tensor | None]:
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if uniforms is None:
@@ -52,14 +75,23 @@ def sample_completions(
     model.eval()
     device = next(model.parameters()).device
     completions: list[list[int]] = []
+    logps: list[list[float]] = []
     starts = range(0, len(prompt_ids), batch_size)
     for start in starts if progress is None else track(starts, progress, len(starts), "batch"):
         chunk = prompt_ids[start:start + batch_size]
         prompts = collate_sequences(chunk, [[] for _ in chunk], pad_id).to(device)
-        completions.extend(_sample_chunk(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
-                                         uniforms[start:start + batch_size], sync_finish))
+        rows, row_logps = _sample_chunk(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
+                                        uniforms[start:start + batch_size], sync_finish, with_logprobs)
+        completions.extend(rows)
+        logps.extend(row_logps)
     model.train(was_training)
-    return collate_sequences(prompt_ids, completions, pad_id)
+    seqs = collate_sequences(prompt_ids, completions, pad_id)
+    if not with_logprobs:
+        return seqs, None
+    table = torch.zeros(len(completions), seqs.completion_width)                    # (N, C), 0 on padding
+    for i, row in enumerate(logps):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return seqs, table.to(seqs.input_ids.device)
 
 
 def _all_finished(finished: torch.Tensor, sync: bool) -> bool:
@@ -71,12 +103,13 @@ def _all_finished(finished: torch.Tensor, sync: bool) -> bool:
     return not comm.any_rank(not done)
 
 
-def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens, temperature, uniforms, sync):
+def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens, temperature, uniforms, sync,
+                  with_logprobs: bool) -> tuple[list[list[int]], list[list[float]]]:
     input_ids, attention_mask = prompts.input_ids, prompts.attention_mask
     position_ids = prompts.position_ids
     n = input_ids.shape[0]
     finished = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
-    tokens = []
+    tokens, logps = [], []
     cache_name, past = cache_argument(model), None
     step_ids, step_pos = input_ids, position_ids
     for t in range(max_new_tokens):
@@ -86,6 +119,8 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
         nxt = next_tokens(out.logits[:, -1], temperature, uniforms[:, t])
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
+        if with_logprobs:
+            logps.append(token_logprobs(out.logits[:, -1], nxt, temperature))
         finished |= nxt == eos_id
         if _all_finished(finished, sync):
             break
@@ -93,7 +128,18 @@ def _sample_chunk(model, prompts: SequenceBatch, eos_id, pad_id, max_new_tokens,
         step_pos = step_pos[:, -1:] + 1
         step_ids = nxt[:, None]
     sampled = torch.stack(tokens, dim=1).tolist()  # (n, T)
-    return [_strip_after_eos(row, eos_id, pad_id) for row in sampled]
+    rows = [_strip_after_eos(row, eos_id, pad_id) for row in sampled]
+    if not with_logprobs:
+        return rows, [[] for _ in rows]
+    table = torch.stack(logps, dim=1).tolist()     # (n, T): kept as far as each row's completion goes
+    return rows, [lp[: len(row)] for lp, row in zip(table, rows)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, V) last-position logits, (N,) tokens → (N,) log softmax(logits / T)[token] in float32, computed as
+    `models.logprobs.token_logps_from_logits` does (temper in the compute dtype, then float32 cross-entropy)."""
+    scaled = logits / temperature if temperature != 1.0 else logits
+    return -torch.nn.functional.cross_entropy(scaled.float(), tokens.clamp(min=0), reduction="none")
 
 
 def cache_argument(model) -> str:

@@ -29,6 +29,7 @@ from rlhf_lab.models.sampling import sample_completions
 from rlhf_lab.recipes.dpo import stage_seconds
 from rlhf_lab.recipes.ppo import sampling_stages
 from rlhf_lab.recipes.run import RunContext
+from rlhf_lab.trainers.compute import ComputeMeter
 from rlhf_lab.rewards.source import LearnedRewardSource
 from rlhf_lab.utils.errors import ConfigError
 
@@ -56,6 +57,9 @@ def train_best_of_n(cfg: RunConfig, ctx: RunContext) -> dict:
     repeated = [ids for p in prompts for ids in [encode_prompt(tokenizer, p)] * a.samples]      # (P·K) prompt rows
     # every seed its own samples: the evaluation seed and the run seed together (other methods vary by training)
     generator = torch.Generator().manual_seed(cfg.eval.seed * 100_003 + cfg.seed)
+    meter = ComputeMeter()   # its cost is the K samples per prompt and their scoring, not a training run's
+    meter.watch("policy", policy)
+    meter.add_samples(len(repeated))
     with strategy.autocast():
         seqs = sample_completions(policy, repeated, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                   max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
@@ -67,6 +71,7 @@ def train_best_of_n(cfg: RunConfig, ctx: RunContext) -> dict:
             rm, normalization = load_scalar_model(rm_dir)
             source = LearnedRewardSource(strategy.place(freeze(rm), role="reward"), load_tokenizer(rm_dir),
                                          tokenizer, normalization, strategy.device)
+            meter.watch("reward", source.model)
             proxy = source.score(prompt_texts, completions, seqs).double().numpy()
     per_prompt = {"gold": gold, "length": seqs.completion_lengths.double().numpy(),
                   "eos": (seqs.completion_ids == tokenizer.eos_token_id).any(-1).double().numpy()}
@@ -78,11 +83,14 @@ def train_best_of_n(cfg: RunConfig, ctx: RunContext) -> dict:
     if unscored:
         log.warning("best-of-n: %d of %d prompts have a sample without a finite score; they are left out of every "
                     "row", unscored, len(prompts))
+    cost = meter.totals()
+    meter.close()
     for n in n_values(a.samples):
         step = 0 if n == 1 else n
         expected = {k: expected_best_of_n(scores, v, n) for k, v in per_prompt.items()}      # (P,) each
         result = _row_result(expected, n, len(repeated), cfg.eval.temperature)
-        ctx.points.write(point_row(ctx.identity, step, result, proxy_reward=result.proxy_reward_mean))
+        ctx.points.write(point_row(ctx.identity, step, result, proxy_reward=result.proxy_reward_mean,
+                                   cost=_share_of_cost(cost, n / a.samples)))
         ctx.logger.log(result.as_metrics(), step)
     records = sample_records(prompt_texts, completions, gold, seqs.completion_lengths.tolist(), cfg.eval.temperature)
     best = np.argmax(scores, axis=1)                                                            # (P,) first max
@@ -100,6 +108,12 @@ def _row_result(expected: dict[str, np.ndarray], n: int, samples: int, temperatu
                       response_len_mean=float(np.nanmean(expected["length"])),
                       eos_fraction=float(np.nanmean(expected["eos"])), temperature=temperature,
                       proxy_reward_mean=float(np.nanmean(expected["proxy"])) if "proxy" in expected else math.nan)
+
+
+def _share_of_cost(cost: dict, fraction: float) -> dict:
+    """What best-of-n costs: n of the K samples per prompt and their scoring (every count scales with n); wall
+    time and memory are the whole run's."""
+    return {k: (v if k in ("train_seconds", "peak_rss_mib") else round(v * fraction)) for k, v in cost.items()}
 
 
 def _reindex(records: list[dict]) -> list[dict]:

@@ -151,4 +151,5 @@ def train_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     final = trainer.train()
     if cfg.train.save_model:
         strategy.save_hf(ctx.run_dir / "model", data.tokenizer)
-    return {"stage_seconds": stage_seconds(data.stages), "pairs": len(data.pairs), "final_train_metrics": final}
+    return {"stage_seconds": stage_seconds(data.stages), "pairs": len(data.pairs), "final_train_metrics": final,
+            "compute_per_role": trainer.meter.per_role()}

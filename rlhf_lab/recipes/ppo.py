@@ -24,11 +24,13 @@ from rlhf_lab.trainers.ppo_rollout import PPOModels
 from rlhf_lab.utils.errors import ConfigError
 
 
-def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokenizer, gold, strategy) -> tuple:
+def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokenizer, gold, strategy,
+                     prompts: list[str] = ()) -> tuple:
     """Actor and reference from SFT; critic from the reward model (or SFT + fresh head); the reward source.
     Returns (models, eval_reference), all unplaced: KL is always evaluated against the frozen SFT model, even
     with an EMA reference in the penalty. Loaded inside `strategy.loading` (ZeRO-3: partitioned as they are
-    built, so no rank holds a whole model); frozen roles are loaded afresh, never deep-copied."""
+    built, so no rank holds a whole model); frozen roles are loaded afresh, never deep-copied. `prompts`: the
+    train prompts, on which PPO-GT fits its gold reward's gain and bias."""
     a: PPOConfig = cfg.algo
     with strategy.loading("trained"):
         actor = load_causal_lm(sft_dir)
@@ -50,10 +52,37 @@ def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokeniz
     elif a.reward == "gold":
         if gold is None:
             raise ConfigError("algo.reward=gold (PPO-GT) needs a task with a gold reward (task=imdb)")
-        reward = GoldRewardSource(gold)
+        reward = GoldRewardSource(gold, gold_normalization(cfg, sft_dir, tokenizer, gold, prompts)
+                                  if a.normalize_reward else None)
     else:
         reward = CallableRewardSource(a.reward_callable)
     return PPOModels(actor, critic, reference, reward), eval_reference
+
+
+def gold_normalization(cfg: RunConfig, sft_dir: Path, tokenizer, gold, prompts: list[str]) -> dict:
+    """Gain and bias that give the gold reward mean 0 and std 1 on SFT samples, fitted as the reward model's are
+    (`reward_model.normalization_samples` samples at temperature 1 on train prompts, seeded by the task seed):
+    every rank computes the same numbers, in a second or two."""
+    from rlhf_lab.algos.reward import fit_reward_normalization
+    from rlhf_lab.eval.policy_eval import decode_samples
+    from rlhf_lab.models.sampling import sample_completions
+
+    count = cfg.reward_model.normalization_samples
+    if count < 2:
+        raise ConfigError(f"algo.normalize_reward=true for PPO-GT fits the gold reward's gain/bias on "
+                          f"reward_model.normalization_samples SFT samples: need at least 2, got {count} (or set "
+                          "algo.normalize_reward=false)")
+    generator = torch.Generator().manual_seed(cfg.task.seed)
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    chosen = [encode_prompt(tokenizer, prompts[order[i % len(order)]]) for i in range(count)]
+    sft = load_causal_lm(sft_dir).eval()
+    samples = sample_completions(sft, chosen, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                 max_new_tokens=cfg.algo.response_length, temperature=cfg.algo.temperature,
+                                 generator=generator)
+    scores = torch.as_tensor(gold.score(decode_samples(tokenizer, samples)), dtype=torch.float64)
+    gain, bias = fit_reward_normalization(scores)
+    return {"gain": gain, "bias": bias, "fitted_on": f"{count} SFT samples on train prompts, gold mean "
+                                                     f"{scores.mean().item():.4f}"}
 
 
 def place_ppo_models(cfg: RunConfig, models: PPOModels, eval_reference, actor_s, critic_s) -> tuple:
@@ -85,18 +114,21 @@ def train_ppo(cfg: RunConfig, ctx: RunContext) -> dict:
     critic_s = trainer_strategy(cfg, accum, a.max_grad_norm, a.micro_batch_size)
     task, sft_dir, rm_dir, used = ppo_stages(cfg)
     tokenizer = load_tokenizer(sft_dir)
-    models, eval_reference = build_ppo_models(cfg, sft_dir, rm_dir, tokenizer, task.gold, actor_s)
+    models, eval_reference = build_ppo_models(cfg, sft_dir, rm_dir, tokenizer, task.gold, actor_s,
+                                              task.train_prompts)
     models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
     train_prompts = PromptSet([encode_prompt(tokenizer, p) for p in task.train_prompts], list(task.train_prompts))
     test = task.test_prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else task.test_prompts
     eval_prompts = PromptSet([encode_prompt(tokenizer, p) for p in test], list(test))
     trainer = PPOTrainer(models, tokenizer, train_prompts, eval_prompts, eval_reference, task.gold, a, cfg.eval,
                          cfg.train.steps, actor_s, critic_s, ctx.logger, ctx.points, ctx.identity, ctx.run_dir,
-                         cfg.seed, config_hash=ctx.config_hash, checkpoint_every=cfg.train.checkpoint_every)
+                         cfg.seed, config_hash=ctx.config_hash, checkpoint_every=cfg.train.checkpoint_every,
+                         budget=cfg.train.budget)
     final = trainer.train()
     if cfg.train.save_model:
         actor_s.save_hf(ctx.run_dir / "model", tokenizer)
     return {"stage_seconds": stage_seconds(used), "final_train_metrics": final,
+            "compute_per_role": trainer.meter.per_role(),
             "reward_model": None if rm_dir is None else str(rm_dir), "world_size": comm.world_size()}
 
 

@@ -25,6 +25,7 @@ from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.tracking.logger import RunLogger
+from rlhf_lab.trainers.compute import peak_rss_mib
 from rlhf_lab.tracking.run_info import write_run_info
 from rlhf_lab.utils.cache import (COMPLETE_MARKER, atomic_write_text, damage, is_complete, is_legacy, mark_complete,
                                   stable_hash)
@@ -85,7 +86,7 @@ def resume_key(cfg: RunConfig) -> str:
     (the step budget may grow, so a finished run can be extended). The strategy is checked separately, with a
     message naming the world size and ZeRO stage (trainers/loop.Checkpointer)."""
     resolved = to_container(cfg)
-    resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in ("steps", "checkpoint_every")}
+    resolved["train"] = {k: v for k, v in resolved["train"].items() if k not in ("steps", "checkpoint_every", "budget")}
     for key in ("force", "logger", "run_id", "study", "output_root", "cache_dir", "strategy"):
         resolved.pop(key, None)
     return stable_hash(resolved)
@@ -187,13 +188,6 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
         mark_complete(run_dir)
     comm.barrier()
     return summary
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory() -> dict:

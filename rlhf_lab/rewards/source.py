@@ -12,6 +12,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
+from rlhf_lab.algos.reward import normalize_rewards
 from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.data.collate import collate_sequences
 from rlhf_lab.utils.errors import ConfigError
@@ -25,13 +26,18 @@ class RewardSource(Protocol):
 
 
 class GoldRewardSource:
-    """The task's gold reward on the decoded text (PPO-GT)."""
+    """The task's gold reward on the decoded text (PPO-GT), optionally as gain·gold + bias: `normalization`
+    fitted on SFT samples as the learned reward model's is (mean 0, std 1), so PPO and PPO-GT penalties weigh
+    the same against their rewards and one KL-coefficient grid serves both."""
 
-    def __init__(self, gold):
-        self.gold, self.name = gold, f"gold:{gold.name}"
+    def __init__(self, gold, normalization: Optional[dict] = None):
+        self.gold, self.name, self.normalization = gold, f"gold:{gold.name}", normalization
 
     def score(self, prompts, completions, seqs):
-        return torch.as_tensor(self.gold.score([p + c for p, c in zip(prompts, completions)]), dtype=torch.float64)
+        raw = torch.as_tensor(self.gold.score([p + c for p, c in zip(prompts, completions)]), dtype=torch.float64)
+        if self.normalization is None:
+            return raw
+        return normalize_rewards(raw, self.normalization["gain"], self.normalization["bias"])
 
 
 class CallableRewardSource:

@@ -47,10 +47,24 @@ def summary_table(points: pd.DataFrame) -> str:
     rows = []
     for run_id, g in points.groupby("run_id", sort=False):
         first, last = g.loc[g["step"].idxmin()], g.loc[g["step"].idxmax()]
+        flops = pd.to_numeric(pd.Series([last.get("train_flops")]), errors="coerce").iloc[0]
         rows.append(f"{run_id:<30} step {int(last['step']):>4}  gold {last['gold_reward_mean']:.3f} ± "
                     f"{last['gold_reward_se']:.3f} (SFT {first['gold_reward_mean']:.3f})  "
-                    f"KL {last['kl_mean']:.2f} ± {last['kl_se']:.2f}")
+                    f"KL {last['kl_mean']:.2f} ± {last['kl_se']:.2f}"
+                    + (f"  {flops:.2g} FLOPs" if pd.notna(flops) else ""))
     return "\n".join(rows)
+
+
+def overoptimisation_text(points: pd.DataFrame) -> str:
+    """One line per Gao et al. 2023 fit (eval/overoptimisation.py), empty when no arm optimises a learned reward."""
+    from rlhf_lab.eval.overoptimisation import overoptimisation_fits
+
+    fits = overoptimisation_fits(points) if not points.empty else pd.DataFrame()
+    return "".join(
+        f"over-optimisation (Gao et al. 2023, gold gain = d(α − β·{'log d' if r.form == 'rl' else 'd'}), "
+        f"d = √KL), {r.method}: α {r.alpha:.4f}, β {r.beta:.4f}, R² {r.r2:.3f} over {r.points} points; fitted peak "
+        + (f"+{r.peak_gain:.3f} gold at KL {r.peak_kl:.1f}\n" if r.peak_kl != float("inf") else "none (β ≤ 0)\n")
+        for r in fits.itertuples())
 
 
 def write_frontier(study_dir: Path, points: pd.DataFrame) -> pd.DataFrame:
@@ -92,6 +106,7 @@ def finish_study(study_dir: Path, spec: dict, cfg: RunConfig, started: float | N
     print(summary_table(points))
     print("\nbest gold reward per method within each KL budget (nats):")
     print(frontier_summary_text(points))
+    print(overoptimisation_text(points), end="")
     print(f"\npoints table: {study_dir / 'points.csv'} ({points['run_id'].nunique() if len(points) else 0} runs)")
     print(f"frontier:     {study_dir / 'frontier.csv'}, figures in {study_dir / 'figures'}")
     print(f"report:       {report}")

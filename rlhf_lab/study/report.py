@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 from rlhf_lab.eval import frontier as fr
+from rlhf_lab.eval.overoptimisation import overoptimisation_fits
 from rlhf_lab.eval import convergence, paired
 from rlhf_lab.study import plots
 from rlhf_lab.study import report_tables as rt
@@ -91,11 +93,40 @@ def _results(inputs: rt.StudyInputs, budgets: Sequence[float]) -> str:
         "<p class='sub'>seed-mean gold [95% CI] of the best checkpoint with mean KL within the budget "
         "(— : the method has no trained point that close to the reference)</p>"
         + _table(rt.budget_display_table(p, list(budgets)) if not p.empty else None)
-        + _comparisons(p, budgets) + _plateau(p)
+        + _equal_cost(p) + _comparisons(p, budgets) + _plateau(p) + _overoptimisation(p)
         + "<h2>Frontier points</h2>" + _table(rt.frontier_display_table(p) if not p.empty else None)
         + "<h2>Runs (final evaluation)</h2>" + _table(rt.per_run_table(inputs))
         + (f"<h2>Failed runs</h2>{failed_html}" if failed else "")
     )
+
+
+def _equal_cost(points: pd.DataFrame) -> str:
+    """Gold at equal cost, beside gold at equal KL: the same best-point rule with training FLOPs as the budget."""
+    budgets = fr.default_cost_budgets(points) if not points.empty else []
+    if not budgets:
+        return ""
+    return ("<h2>Best gold reward per method at training-FLOP budgets</h2>"
+            "<p class='sub'>gold at equal cost: seed-mean gold [95% CI] of the best checkpoint whose seed-mean "
+            "training FLOPs (2N per token forwarded, 6N per token back-propagated, every model role; the shared "
+            "evaluation and stages excluded; best-of-n: its n samples per prompt and their scoring) are within the "
+            "budget</p>" + _table(rt.cost_budget_display_table(points, budgets)))
+
+
+def _overoptimisation(points: pd.DataFrame) -> str:
+    """Gao et al. 2023's functional form fitted to the arms that optimise a learned reward."""
+    fits = overoptimisation_fits(points) if not points.empty else pd.DataFrame()
+    if fits.empty:
+        return ""
+    table = pd.DataFrame({
+        "method": fits["method"], "form": ["d(α − β log d)" if f == "rl" else "d(α − β d)" for f in fits["form"]],
+        "α": fits["alpha"].map("{:.4f}".format), "β": fits["beta"].map("{:.4f}".format),
+        "R²": fits["r2"].map("{:.3f}".format), "points": fits["points"],
+        "fitted peak": [f"+{g:.3f} gold at KL {k:.1f}" if math.isfinite(k) else "no peak (β ≤ 0)"
+                        for g, k in zip(fits["peak_gain"], fits["peak_kl"])]})
+    return ("<h2>Reward-model over-optimisation</h2><p class='sub'>gold gain over each run's SFT start against "
+            "d = √KL, fitted with Gao et al. 2023's forms (every evaluation of every run and seed); a peak inside "
+            "the trained KL range means more optimisation of the learned reward lowers the gold reward</p>"
+            + _table(table))
 
 
 def _comparisons(points: pd.DataFrame, budgets: Sequence[float]) -> str:

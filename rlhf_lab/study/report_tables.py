@@ -138,6 +138,8 @@ def per_run_table(inputs: StudyInputs) -> pd.DataFrame:
         "KL ± SE (nats)": [_pm(m, s, 2) for m, s in zip(final["kl_mean"], final["kl_se"])],
         "proxy reward": [_num(v, ".3f") for v in _col(final, "proxy_reward_mean")],
         "length": [_num(v, ".1f") for v in _col(final, "response_len_mean")],
+        "train FLOPs": [_num(v, ".2g") for v in _col(final, "train_flops")],
+        "train samples": [_num(v, ".0f") for v in _col(final, "train_samples")],
         "wall time (s)": [_num(wall.get(r), ".0f") for r in final["run_id"]],
     })
 
@@ -151,6 +153,18 @@ def budget_display_table(points: pd.DataFrame, budgets: list[float]) -> pd.DataF
                 f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}] "
                 f"({r['setting']}, step {int(r['step'])}, KL {r['kl_mean']:.2f})")
         rows.setdefault(r["method_label"], {})[f"KL ≤ {r['kl_budget']:g}"] = cell
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method").reset_index()
+
+
+def cost_budget_display_table(points: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
+    """Best gold per method (rows) within each training-FLOP budget (columns), cells 'gold [CI] (setting, step)'."""
+    best = fr.best_at_cost_budgets(points, budgets)
+    rows = {}
+    for _, r in best.iterrows():
+        cell = ("—" if pd.isna(r["gold_mean"]) else
+                f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}] "
+                f"({r['setting']}, step {int(r['step'])}, {r['train_flops_mean']:.2g} FLOPs, KL {r['kl_mean']:.2f})")
+        rows.setdefault(r["method_label"], {})[f"≤ {r['flops_budget']:.0e} FLOPs"] = cell
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method").reset_index()
 
 

@@ -1,6 +1,6 @@
 """A study: shared stages once, then every arm's sweep points (× seeds), then one points table, frontier and report.
 
-The study file (`conf/studies/<name>.yaml`) names the arms; each arm is a list of Hydra overrides plus a sweep
+The study file (`experiments/<name>/study.yaml` or `conf/studies/<name>.yaml`) names the arms; each arm is a list of Hydra overrides plus a sweep
 (key → values); the runner composes each point's config with Hydra's compose API — the same configs a user gets
 from `rlhf-lab ...` — so a point runs identically here, in a SLURM array task or from the command line.
 
@@ -29,9 +29,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
-from rlhf_lab.config import (BestOfNConfig, PPOConfig, RunConfig, check_keys_are_read, override_keys, to_container,
-                             validate_run_config)
+from rlhf_lab.config import BestOfNConfig, PPOConfig, RunConfig, to_container, validate_run_config
+from rlhf_lab.config_keys import check_keys_are_read, override_keys
 from rlhf_lab.distributed import comm
+from rlhf_lab.paths import study_file, study_names
 from rlhf_lab.study import record
 from rlhf_lab.study.points import PointLauncher, SweepPoint, run_points
 from rlhf_lab.trainers.errors import PreemptedError
@@ -41,7 +42,7 @@ from rlhf_lab.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 PHASES = ("all", "list", "stages", "point", "aggregate")
 STUDY_OPTIONS = ("study", "phase", "index", "jobs", "launcher", "sbatch")
-STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges", "resources")
+STUDY_KEYS = ("name", "description", "overrides", "seeds", "arms", "jobs", "judges", "resources", "budget")
 RESOURCE_KEYS = {"processes": 1, "nodes": 1, "gpus_per_node": 0, "cpus_per_process": 1}
 
 
@@ -68,7 +69,7 @@ def study_resources(spec: dict, path: str = "study file") -> dict[str, int]:
 
 @dataclass
 class StudyArgs:
-    name: str = "imdb"
+    name: str = "frontier-imdb"
     phase: str = "all"
     index: int | None = None     # sweep point for phase=point
     jobs: int | None = None      # sweep points run at once on this machine (None = the study file's `jobs`, or 1)
@@ -83,7 +84,7 @@ def parse_study_args(args: list[str]) -> StudyArgs:
     for arg in args:
         key, _, value = arg.partition("=")
         (opts.__setitem__(key, value) if key in STUDY_OPTIONS else overrides.append(arg))
-    parsed = StudyArgs(name=opts.get("study", "imdb"), phase=opts.get("phase", "all"),
+    parsed = StudyArgs(name=opts.get("study", "frontier-imdb"), phase=opts.get("phase", "all"),
                        launcher=opts.get("launcher", "local"), sbatch=opts.get("sbatch"),
                        overrides=tuple(overrides))
     if parsed.phase not in PHASES:
@@ -102,10 +103,9 @@ def parse_study_args(args: list[str]) -> StudyArgs:
 
 
 def load_study(name: str) -> dict:
-    path = Path(name) if name.endswith(".yaml") else Path(CONF_DIR) / "studies" / f"{name}.yaml"
+    path = study_file(name)
     if not path.is_file():
-        available = sorted(p.stem for p in (Path(CONF_DIR) / "studies").glob("*.yaml"))
-        raise ConfigError(f"study {name!r} not found at {path}; available studies: {', '.join(available)}")
+        raise ConfigError(f"study {name!r} not found at {path}; available studies: {', '.join(study_names())}")
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -140,11 +140,34 @@ def validate_study_spec(spec, where: str) -> None:
     for arm, arm_spec in arms.items():
         _check_arm(arm, arm_spec or {}, where)
     study_resources(spec, where)
+    budget_overrides(spec, where)
     run_ids = [p.run_id for p in sweep_points(spec, [])]
     duplicates = sorted({r for r in run_ids if run_ids.count(r) > 1})
     if duplicates:
         raise ConfigError(f"{where}: sweep values that print alike give duplicate run ids {duplicates}; "
                           "make the values distinct")
+
+
+def budget_overrides(spec: dict, where: str = "study") -> list[str]:
+    """A study's `budget: {by: samples | flops | seconds, value: V}` as the overrides that give every trained arm
+    the same training budget (config.BudgetConfig: samples set the steps; flops and seconds stop training when
+    spent, at most at the arm's train.steps)."""
+    budget = spec.get("budget")
+    if budget is None:
+        return []
+    from rlhf_lab.config import BUDGET_UNITS
+
+    if not isinstance(budget, dict) or set(budget) != {"by", "value"} or budget["by"] not in BUDGET_UNITS \
+            or not isinstance(budget["value"], (int, float)) or isinstance(budget["value"], bool) \
+            or not budget["value"] > 0:
+        raise ConfigError(f"{where}: 'budget' must be {{by: {' | '.join(BUDGET_UNITS)}, value: a number > 0}}, "
+                          f"got {budget!r}")
+    return [f"train.budget.by={budget['by']}", f"train.budget.value={budget['value']}"]
+
+
+def _trains(overrides: list[str]) -> bool:
+    """Whether an arm trains (best-of-n samples from the SFT model: a training budget does not apply to it)."""
+    return "algo=best_of_n" not in overrides
 
 
 def _check_arm(arm, arm_spec, where: str) -> None:
@@ -185,7 +208,8 @@ def sweep_points(spec: dict, extra: list[str] | tuple[str, ...]) -> list[SweepPo
             for seed in spec.get("seeds", [0]):
                 label = "-".join(f"{k.split('.')[-1]}{_fmt(v)}" for k, v in zip(keys, values))
                 run_id = f"{arm}-{label}-seed{seed}" if label else f"{arm}-seed{seed}"
-                overrides = (list(spec.get("overrides", [])) + list((arm_spec or {}).get("overrides", []))
+                arm_overrides = list(spec.get("overrides", [])) + list((arm_spec or {}).get("overrides", []))
+                overrides = (arm_overrides + (budget_overrides(spec) if _trains(arm_overrides) else [])
                              + [f"{k}={v}" for k, v in zip(keys, values)]
                              + [f"seed={seed}", f"study={spec['name']}", f"run_id={run_id}"] + list(extra))
                 points.append(SweepPoint(arm, run_id, overrides, len(points)))

@@ -7,8 +7,8 @@
 `afterok` keeps the array from starting on missing stages (and cancels it if the stages job fails:
 --kill-on-invalid-dep); `afterany` lets the report show every point that finished even if some failed.
 
-    rlhf-lab study study=imdb launcher=slurm [overrides]
-    python -m rlhf_lab.study.slurm study=imdb [overrides] [-- sbatch options for all three jobs]
+    rlhf-lab study study=frontier-imdb launcher=slurm [overrides]
+    python -m rlhf_lab.study.slurm study=frontier-imdb [overrides] [-- sbatch options for all three jobs]
 
 sbatch options for all three jobs: `sbatch_args`, else $RLHF_LAB_SBATCH_ARGS (e.g. "--partition=gpu --gres=gpu:1");
 sbatch's own SBATCH_* variables (SBATCH_PARTITION, SBATCH_ACCOUNT, ...) work as usual.

@@ -24,6 +24,7 @@ from rlhf_lab.data.batches import PreferenceBatch, TokenizedPair, TokenizedUnpai
 from rlhf_lab.data.collate import collate_pairs, collate_unpaired
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
 from rlhf_lab.models.logprobs import completion_logits, sequence_logps, token_logps_from_logits
+from rlhf_lab.trainers.compute import ComputeMeter, budget_spent
 from rlhf_lab.trainers.errors import NonFiniteLossError  # noqa: F401 (re-exported for callers and tests)
 from rlhf_lab.trainers.loop import (Checkpointer, GlobalBatches, StopRequest, accumulate, accumulation_steps,
                                     build_trained, evaluate_and_record, rank_share)
@@ -98,6 +99,9 @@ class DPOTrainer:
         self.min_widths = fixed_widths(items) if train.compile and not self.unpaired else None
         self.batches = GlobalBatches(items, train.batch_size, self.generator)
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", {"policy": strategy}, config_hash)
+        self.meter = ComputeMeter()
+        self.meter.watch("policy", *{id(m): m for m in (self.policy, self.train_model)}.values())
+        self.meter.watch("reference", self.reference)
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -105,9 +109,9 @@ class DPOTrainer:
         stop = StopRequest()
         if step == 0:
             self.evaluate(step=0)
-        last = {}
+        last, final = {}, step >= self.train_cfg.steps
         with Progress(f"{self.inputs.identity.run_id} training", self.train_cfg.steps, initial=step) as progress:
-            while step < self.train_cfg.steps:
+            while not final:
                 step += 1
                 self.policy.train()
                 started = time.perf_counter()
@@ -115,15 +119,22 @@ class DPOTrainer:
                 metrics["train/pairs_per_s"] = self.train_cfg.batch_size / (time.perf_counter() - started)
                 self.logger.log(metrics, step)
                 progress.advance()
-                if step % self.eval_cfg.every == 0 or step == self.train_cfg.steps:
+                final = step >= self.train_cfg.steps or self._budget_spent()
+                if step % self.eval_cfg.every == 0 or final:
                     self.evaluate(step)
                 stopping = stop.agreed()
-                if stopping or step % self.train_cfg.checkpoint_every == 0 or step == self.train_cfg.steps:
-                    self.checkpoints.save(step, {"batches": self.batches.state_dict()}, {"data": self.generator})
+                if stopping or step % self.train_cfg.checkpoint_every == 0 or final:
+                    state = {"batches": self.batches.state_dict(), "compute": self.meter.state_dict()}
+                    self.checkpoints.save(step, state, {"data": self.generator})
                 if stopping:
                     stop.stop(step, self.checkpoints.root)
         stop.close()
+        self.meter.close()
         return last
+
+    def _budget_spent(self) -> bool:
+        budget = self.train_cfg.budget
+        return budget.by in ("flops", "seconds") and budget_spent(budget, self.meter.totals())
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the next global batch (this rank's share, accumulated)."""
@@ -136,6 +147,7 @@ class DPOTrainer:
             return 0
         state = self.checkpoints.load(path, {"data": self.generator})
         self.batches.load_state_dict(state["batches"])
+        self.meter.load_state_dict(state["compute"])
         return int(path.name.split("-")[1])
 
     # ------------------------------------------------------------------------------------------------ loss
@@ -203,4 +215,4 @@ class DPOTrainer:
     def evaluate(self, step: int) -> None:
         evaluate_and_record(step, self.strategy, self.policy, self.reference, self.inputs.tokenizer,
                             self.inputs.eval_prompt_ids, self.inputs.gold, self.eval_cfg, self.inputs.identity,
-                            self.points, self.logger, self.run_dir)
+                            self.points, self.logger, self.run_dir, self.meter)

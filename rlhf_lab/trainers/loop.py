@@ -136,21 +136,24 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_and_record(step: int, strategy, policy, reference, tokenizer, prompt_ids, gold, eval_cfg, identity,
-                        points, logger, run_dir: Path, proxy_reward=None) -> Any:
+                        points, logger, run_dir: Path, meter, proxy_reward=None) -> Any:
     """The one evaluation every trainer calls: sample on the held-out prompts with full parameters, under the
-    training precision, split across ranks and gathered, so the points row is the same at any world size."""
+    training precision, split across ranks and gathered, so the points row is the same at any world size. The
+    row carries what training had spent by then (`meter`, a ComputeMeter, paused while evaluating)."""
     from rlhf_lab.eval.points import point_row
     from rlhf_lab.eval.policy_eval import evaluate_policy
     from rlhf_lab.eval.samples import write_samples
 
-    with strategy.autocast(), strategy.generation(policy) as pol, strategy.generation(reference) as ref:
+    with meter.paused(), strategy.autocast(), strategy.generation(policy) as pol, \
+            strategy.generation(reference) as ref:
         result = evaluate_policy(pol, ref, tokenizer, prompt_ids, gold, eval_cfg, proxy_reward=proxy_reward,
                                  sync_finish=strategy.synced_generation, progress=f"evaluation at step {step}")
+    cost = meter.totals()
     if comm.is_main():
         proxy = result.proxy_reward_mean if proxy_reward is not None else None
-        points.write(point_row(identity, step, result, proxy_reward=proxy))
+        points.write(point_row(identity, step, result, proxy_reward=proxy, cost=cost))
         write_samples(Path(run_dir), step, result.records)  # read by rlhf_lab.judges.study
-    logger.log(result.as_metrics(), step)
+    logger.log({**result.as_metrics(), **{f"cost/{k}": v for k, v in cost.items()}}, step)
     log.info("step %d: gold %.4f ± %.4f, KL %.3f ± %.3f", step, result.gold_reward_mean, result.gold_reward_se,
              result.kl_mean, result.kl_se)
     return result

@@ -30,7 +30,8 @@ from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.distributed import comm
 from rlhf_lab.models.heads import token_values
 from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
-from rlhf_lab.models.sampling import sample_completions
+from rlhf_lab.models.sampling import sample_with_logprobs
+from rlhf_lab.trainers.compute import ComputeMeter, budget_spent
 from rlhf_lab.trainers.errors import NonFiniteLossError
 from rlhf_lab.trainers.loop import Checkpointer, StopRequest, check_finite, evaluate_and_record
 from rlhf_lab.trainers.ppo_rollout import Advantages, PPOModels, Rollout, compute_advantages, score_rollout
@@ -49,7 +50,7 @@ class PPOTrainer:
     def __init__(self, models: PPOModels, tokenizer, train_prompts: PromptSet, eval_prompts: PromptSet,
                  eval_reference, gold, cfg: PPOConfig, eval_cfg: EvalConfig, steps: int, actor_strategy,
                  critic_strategy, logger, points, identity, run_dir: Path, seed: int, config_hash: str = "",
-                 checkpoint_every: int = 10):
+                 checkpoint_every: int = 10, budget=None):
         """`models.actor` / `models.critic` are already set up by their strategies; `models.reference`,
         `eval_reference` and a learned reward model are placed by the actor's strategy."""
         if not train_prompts.ids:
@@ -69,6 +70,12 @@ class PPOTrainer:
         self.cursor, self.step = 0, 0
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints",
                                         {"actor": actor_strategy, "critic": critic_strategy}, config_hash)
+        self.budget = budget        # a config.BudgetConfig; flops / seconds budgets end training early
+        self.meter = ComputeMeter()
+        for role, model in (("policy", models.actor), ("critic", models.critic), ("reference", models.reference),
+                            ("reward", getattr(models.reward, "model", None))):
+            if isinstance(model, torch.nn.Module):   # the gold reward or a callable has no token forwards
+                self.meter.watch(role, model)
 
     # ------------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -77,20 +84,27 @@ class PPOTrainer:
         if not resumed:
             self.evaluate()
         last: dict = {}
+        final = self.step >= self.steps
         with Progress(f"{self.identity.run_id} training", self.steps, initial=self.step) as progress:
-            while self.step < self.steps:
+            while not final:
                 last = self.ppo_step()
                 self.logger.log(last, self.step)
                 progress.advance()
-                if self.step % self.eval_cfg.every == 0 or self.step == self.steps:
+                final = self.step >= self.steps or self._budget_spent()
+                if self.step % self.eval_cfg.every == 0 or final:
                     self.evaluate()
                 stopping = stop.agreed()
-                if stopping or self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                if stopping or self.step % self.checkpoint_every == 0 or final:
                     self.checkpoints.save(self.step, self.state_dict(), self.generators)
                 if stopping:
                     stop.stop(self.step, self.checkpoints.root)
         stop.close()
+        self.meter.close()
         return last
+
+    def _budget_spent(self) -> bool:
+        return (self.budget is not None and self.budget.by in ("flops", "seconds")
+                and budget_spent(self.budget, self.meter.totals()))
 
     def ppo_step(self) -> dict:
         """One PPO iteration: roll out, advantages (KL-shaped reward), epochs of updates, KL controller and
@@ -125,16 +139,17 @@ class PPOTrainer:
 
     @torch.no_grad()
     def roll_out(self, prompts: PromptSet) -> Rollout:
-        """Sample one response per prompt with the full actor (KV cache, left-padded prompts), then score it
-        with every role, all under the training precision."""
+        """Sample one response per prompt with the full actor (KV cache, left-padded prompts), keeping the
+        sampler's log-probs as π_old, then score it with the other roles, all under the training precision."""
         with self.actor_s.autocast():
             with self.actor_s.generation(self.models.actor) as actor:
-                seqs = sample_completions(actor, prompts.ids, eos_id=self.tokenizer.eos_token_id,
+                seqs, logprobs = sample_with_logprobs(actor, prompts.ids, eos_id=self.tokenizer.eos_token_id,
                                           pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.response_length,
                                           temperature=self.cfg.temperature, batch_size=len(prompts.ids),
                                           generator=self.generators["sampling"],
                                           sync_finish=self.actor_s.synced_generation)
-            return score_rollout(self.models, self.tokenizer, seqs, prompts.texts, self.cfg, self.device)
+            self.meter.add_samples(len(prompts.ids))
+            return score_rollout(self.models, self.tokenizer, seqs, logprobs, prompts.texts, self.cfg, self.device)
 
     # ------------------------------------------------------------------------------------------------ update
     def optimise(self, rollout: Rollout, adv: Advantages) -> dict:
@@ -200,7 +215,8 @@ class PPOTrainer:
             "objective/scores": float(rollout.scores[used].mean()),
             "val/response_length": float(rollout.seqs.completion_mask.sum(-1).float().mean()),
         }
-        if self.gold is not None and self.models.reward.name.startswith("gold"):
+        gold_as_is = getattr(self.models.reward, "normalization", None) is None
+        if self.gold is not None and self.models.reward.name.startswith("gold") and gold_as_is:
             metrics["objective/gold"] = metrics["objective/scores"] if self.cfg.missing_eos_penalty is None else None
         elif self.gold is not None:
             texts = [p + c for p, c in zip(rollout.prompts, rollout.completions)]
@@ -214,11 +230,12 @@ class PPOTrainer:
     def evaluate(self) -> None:
         evaluate_and_record(self.step, self.actor_s, self.models.actor, self.eval_reference, self.tokenizer,
                             self.eval_prompts.ids, self.gold, self.eval_cfg, self.identity, self.points,
-                            self.logger, self.run_dir, proxy_reward=self.models.reward)
+                            self.logger, self.run_dir, self.meter, proxy_reward=self.models.reward)
 
     # ------------------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        state = {"step": self.step, "order": self.order, "cursor": self.cursor, "kl_ctl": self.kl_ctl.state_dict()}
+        state = {"step": self.step, "order": self.order, "cursor": self.cursor, "kl_ctl": self.kl_ctl.state_dict(),
+                 "compute": self.meter.state_dict()}
         if self.cfg.ema_reference_decay is not None:
             with self.actor_s.generation(self.models.reference) as reference:
                 state["reference"] = {k: v.detach().cpu().clone() for k, v in reference.state_dict().items()}
@@ -231,6 +248,7 @@ class PPOTrainer:
         state = self.checkpoints.load(path, self.generators)
         self.step, self.order, self.cursor = state["step"], state["order"], state["cursor"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.meter.load_state_dict(state["compute"])
         if "reference" in state:
             with self.actor_s.modify(self.models.reference):
                 self.actor_s.unwrap(self.models.reference).load_state_dict(state["reference"])

@@ -52,14 +52,17 @@ class Advantages:
 
 
 @torch.no_grad()
-def score_rollout(models: PPOModels, tokenizer, seqs: SequenceBatch, prompt_texts: list[str], cfg: PPOConfig,
-                  device) -> Rollout:
-    """Score sampled episodes with every role: log-probs under the actor and the reference (at the rollout
-    temperature), the critic's values and the reward. Each role runs one batched pass per call, so ranks run
-    the same number of (possibly collective) forwards. The caller holds the strategy's autocast."""
+def score_rollout(models: PPOModels, tokenizer, seqs: SequenceBatch, logprobs: torch.Tensor | None,
+                  prompt_texts: list[str], cfg: PPOConfig, device) -> Rollout:
+    """Score sampled episodes with every role: the reference's log-probs (at the rollout temperature), the
+    critic's values and the reward; the actor's log-probs come from the sampler (`logprobs`, (B, T)) or, when
+    None, from a forward here. Each role runs one batched pass per call, so ranks run the same number of
+    (possibly collective) forwards. The caller holds the strategy's autocast."""
     seqs = seqs.to(device)
     mask = seqs.completion_mask.float()
-    logprobs = token_logps_from_logits(completion_logits(models.actor, seqs, cfg.temperature), seqs)
+    if logprobs is None:
+        logprobs = token_logps_from_logits(completion_logits(models.actor, seqs, cfg.temperature), seqs)
+    logprobs = logprobs.to(device)
     ref_logprobs = token_logps_from_logits(completion_logits(models.reference, seqs, cfg.temperature), seqs)
     values = token_values(models.critic, seqs).float()
     completion_rows = [[t for t, m in zip(row, msk) if m] for row, msk in

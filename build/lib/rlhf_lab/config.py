@@ -1,0 +1,425 @@
+"""Typed configuration: one dataclass per Hydra config group, validated after composition.
+
+Hydra composes YAML from `conf/`; `validate_run_config` merges the result into these dataclasses so that an
+unknown key, a wrong type or an out-of-range value fails early with a message naming the key
+(`algo.beta must be > 0, got -1`), before any model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf_lab.utils.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "imdb"                  # embedded task; "none" = bring your own model and preference data
+    seed: int = 0                       # split / prompt sampling seed (independent of the run seed)
+    test_fraction: float = 0.1          # held-out share of reviews (test prompts and gold-classifier accuracy)
+    max_train_reviews: Optional[int] = None  # subsample the train reviews (tests); None = all
+    vocab_size: int = 4096              # BPE vocabulary trained on the train split
+    prompt_min_tokens: int = 2          # prompts are review prefixes of 2–8 tokens (DPO paper §6.1)
+    prompt_max_tokens: int = 8
+    num_train_prompts: int = 2000       # prefixes used for preference generation (k samples each)
+    num_test_prompts: int = 256         # held-out prefixes used by every evaluation
+
+
+@dataclass
+class RewardConfig:
+    gold: str = "classifier"            # gold reward the policy never trains on: classifier | vader
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None  # hub name or local path; None = build from `arch` + `config` (tiny models)
+    arch: str = "gpt2"                  # model_type for AutoConfig.for_model when building from config
+    config: dict[str, Any] = field(default_factory=dict)  # architecture kwargs (n_layer, n_embd, ...)
+    dtype: str = "float32"              # weights dtype when loading: float32 | bfloat16
+    sft: bool = True                    # run the task's SFT stage on this model before alignment
+    trust_remote_code: bool = False     # run a hub model's own Python code (auto_map); only for models you trust
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 400                    # optimizer steps
+    batch_size: int = 32
+    seq_len: int = 64                   # reviews truncated to this many tokens (+ eos)
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    num_texts: Optional[int] = None     # train on the first N train reviews; None = all
+
+
+@dataclass
+class PreferenceGenConfig:
+    completions_per_prompt: int = 4     # k samples per prefix; all k(k-1)/2 pairs are labelled (paper: 4 → 6 pairs)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    batch_size: int = 256
+    label_noise_temperature: float = 0.0  # >0: Bradley–Terry annotators, P(a ≻ b) = σ((r_a − r_b)/T)
+    max_pairs: Optional[int] = None     # cap on the written pairs (random subset); None = all
+
+
+@dataclass
+class DataConfig:
+    source: Optional[str] = None        # None = the task's generated preferences; else .jsonl/.parquet path or hub name
+    split: str = "train"
+    max_prompt_length: int = 16         # tokens; longer prompts keep their end
+    max_completion_length: int = 49     # tokens incl. eos; longer completions keep their start
+    truncation: str = "truncate"        # truncate | drop
+    max_pairs: Optional[int] = None     # use the first N pairs (after shuffling with the task seed)
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "dpo"                   # trainer: dpo (the whole DPO family, paired or unpaired)
+    loss_type: str = "sigmoid"          # a name in rlhf_lab.algos.preference.LOSSES (TRL names)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5   # TRL 1.16 default
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    """PPO with four roles (actor, critic, reference, reward); defaults follow TRL's PPO where it has one."""
+
+    name: str = "ppo"
+    reward: str = "learned"             # learned (reward model, PPO) | gold (task's gold reward, PPO-GT) | callable
+    reward_callable: Optional[str] = None  # "module:function", (prompts, completions) -> scores, for reward=callable
+    kl_coef: float = 0.05               # β of the per-token KL penalty r_t = −β·kl_t (initial value if adaptive)
+    kl_estimator: str = "k1"            # k1 (log-ratio) | k3 ((e^{−k1} − 1) + k1, always ≥ 0)
+    adaptive_kl: bool = False           # Ziegler et al. controller towards target_kl
+    target_kl: float = 6.0              # nats per sequence
+    kl_horizon: int = 10000
+    rollout_batch_size: int = 32        # prompts rolled out per PPO step
+    num_mini_batches: int = 1           # optimiser steps per PPO epoch
+    micro_batch_size: int = 32          # rows per forward/backward (gradient accumulation inside a minibatch)
+    ppo_epochs: int = 4
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 0.7            # applied identically in rollout, reference and training passes
+    response_length: int = 48
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
+    normalize_reward: bool = True       # learned RM: apply its stored gain/bias (SFT samples → mean 0, std 1)
+    whiten_rewards: bool = False        # whiten the per-token rewards (no mean shift)
+    reward_clip: Optional[float] = None # clip scores to [−c, c]
+    critic_init: str = "reward_model"   # reward_model | sft (SFT backbone with a fresh scalar head)
+    actor_lr: float = 3e-6
+    critic_lr: float = 3e-6
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    ema_reference_decay: Optional[float] = None  # EMA of the policy as reference (Xu et al. 2024); None = frozen SFT
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N from the SFT policy, no training: the yardstick on the frontier (rlhf_lab/algos/best_of_n.py).
+    One run samples K completions per evaluation prompt and writes one points row per n = 1, 2, 4, …, K, with
+    `step` = n (step 0 = n = 1, the SFT model) and KL = log n − (n−1)/n, an upper bound."""
+
+    name: str = "best_of_n"
+    samples: int = 16                   # K completions per evaluation prompt (the largest n)
+    scorer: str = "gold"                # gold: the task's gold reward (the yardstick) | reward_model: the learned RM
+
+
+ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig, "best_of_n": BestOfNConfig}
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"                 # adamw | rmsprop | sgd
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10              # linear warm-up, then constant (DPO paper)
+    max_grad_norm: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100                    # optimizer steps
+    batch_size: int = 32                # pairs per optimizer step (global)
+    micro_batch_size: int = 32          # pairs per forward/backward; batch_size must be a multiple
+    precision: str = "fp32"             # fp32 | bf16 (autocast; CPU and CUDA)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    save_model: bool = True             # save the final policy (HF format) in the run directory
+    checkpoint_every: int = 50          # optimizer steps (PPO: PPO steps) between atomic checkpoints (exact resume;
+                                        # SIGTERM / SIGUSR1 also checkpoint, then exit)
+    threads: Optional[int] = None       # torch intra-op threads on CPU; None = torch default
+    compile: bool = False               # torch.compile the policy's training forward (DPO family); batches are
+                                        # padded to data.max_prompt_length / max_completion_length so it compiles once
+    budget: "BudgetConfig" = field(default_factory=lambda: BudgetConfig())
+
+
+BUDGET_UNITS = ("samples", "flops", "seconds")
+
+
+@dataclass
+class BudgetConfig:
+    """Train to a cost instead of a step count (trainers/compute.py counts it), so arms compare at equal cost."""
+
+    by: Optional[str] = None            # null: train.steps | samples (episodes or pairs: sets train.steps) | flops |
+                                        # seconds (train until spent, at most train.steps; evaluated where it stops)
+    value: Optional[float] = None       # how many
+
+
+@dataclass
+class StrategyConfig:
+    """How models are placed across processes (the `strategy` config group; conf/strategy/*.yaml)."""
+
+    name: str = "torch"                 # torch (one process, or DDP under torchrun) | deepspeed (ZeRO)
+    zero_stage: int = 0                 # deepspeed: 0 (DDP-like) | 1 optimizer states | 2 + gradients | 3 + parameters
+    offload_optimizer: bool = False     # deepspeed: optimizer states (and the step) on the CPU (ZeRO-Offload)
+    offload_param: bool = False         # deepspeed ZeRO-3: trained models' parameters on the CPU (ZeRO-Infinity)
+    reference_offload_param: bool = False  # deepspeed ZeRO-3: the frozen reference's eval engine on the CPU
+    reward_offload_param: bool = False  # deepspeed ZeRO-3: the frozen learned reward model's eval engine on the CPU
+    generation: str = "gather"          # ZeRO-3 sampling: gather (full actor once per rollout) | synced (collective
+                                        # forwards, ranks agree on "all finished"; for models too large to gather)
+    config_path: Optional[str] = None   # a DeepSpeed JSON whose sections (zero_optimization, comms, ...) are merged
+                                        # in; batch sizes, clipping, optimizer and precision always come from here
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25                     # evaluate at step 0, every N steps and at the end
+    num_prompts: Optional[int] = None   # held-out prompts (None = all of the task's test prompts)
+    samples_per_prompt: int = 1
+    temperature: float = 1.0            # sampling temperature; KL is measured between tempered distributions
+    max_new_tokens: int = 48
+    batch_size: int = 128
+    seed: int = 1234                    # same prompts and random stream at every evaluation (common random numbers)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"                 # wandb | none (the local metrics.jsonl is always written)
+    project: str = "rlhf_lab"
+    entity: Optional[str] = None
+    mode: str = "offline"               # offline | online | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    preferences: PreferenceGenConfig = field(default_factory=PreferenceGenConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: Any = None                    # AlgoConfig or PPOConfig, chosen by algo.name (see ALGO_SCHEMAS)
+    reward_model: "RewardModelConfig" = field(default_factory=lambda: RewardModelConfig())
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    study: str = "adhoc"                # study name written into every points row
+    run_id: Optional[str] = None        # None = derived from method, loss and parameters
+    output_root: str = "outputs"
+    cache_dir: str = "outputs/cache"    # content-addressed stage cache shared by all runs
+    force: bool = False                 # re-run even if the run directory is complete
+
+
+def _check(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def _validate_semantics(cfg: RunConfig) -> None:
+    if isinstance(cfg.algo, PPOConfig):
+        _validate_ppo(cfg.algo)
+    elif isinstance(cfg.algo, BestOfNConfig):
+        _check(cfg.algo.samples >= 2, "algo.samples", ">= 2", cfg.algo.samples)
+        _check(cfg.algo.scorer in ("gold", "reward_model"), "algo.scorer", "gold | reward_model", cfg.algo.scorer)
+    else:
+        _validate_dpo(cfg.algo)
+    _validate_common(cfg)
+    _apply_budget(cfg)
+
+
+def _apply_budget(cfg: RunConfig) -> None:
+    """A samples budget becomes the step count here, once; flops and seconds are checked while training."""
+    from rlhf_lab.trainers.compute import examples_per_step, steps_for_budget
+
+    b = cfg.train.budget
+    _check(b.by in (None, *BUDGET_UNITS), "train.budget.by", f"null | {' | '.join(BUDGET_UNITS)}", b.by)
+    _check((b.by is None) == (b.value is None), "train.budget.value", "set exactly when train.budget.by is",
+           b.value)
+    _check(b.value is None or b.value > 0, "train.budget.value", "> 0", b.value)
+    if b.by is not None and isinstance(cfg.algo, BestOfNConfig):
+        raise ConfigError("config key 'train.budget': algo=best_of_n trains nothing, so a training budget does not "
+                          "apply (its cost is its samples: algo.samples per prompt)")
+    if b.by == "samples":
+        cfg.train.steps = steps_for_budget(b.value, examples_per_step(cfg))
+
+
+def _validate_ppo(a: PPOConfig) -> None:
+    _check(a.reward in ("learned", "gold", "callable"), "algo.reward", "learned | gold | callable", a.reward)
+    _check(a.reward != "callable" or bool(a.reward_callable), "algo.reward_callable",
+           "'module:function' when algo.reward=callable", a.reward_callable)
+    _check(a.kl_estimator in ("k1", "k3"), "algo.kl_estimator", "k1 | k3", a.kl_estimator)
+    _check(a.kl_coef >= 0, "algo.kl_coef", ">= 0", a.kl_coef)
+    _check(a.target_kl > 0, "algo.target_kl", "> 0", a.target_kl)
+    _check(a.temperature > 0, "algo.temperature", "> 0", a.temperature)
+    _check(a.critic_init in ("reward_model", "sft"), "algo.critic_init", "reward_model | sft", a.critic_init)
+    _check(a.rollout_batch_size % a.num_mini_batches == 0, "algo.rollout_batch_size",
+           f"divisible by algo.num_mini_batches={a.num_mini_batches}", a.rollout_batch_size)
+    mini = a.rollout_batch_size // a.num_mini_batches
+    _check(mini % a.micro_batch_size == 0, "algo.micro_batch_size",
+           f"a divisor of the minibatch size {mini} (rollout_batch_size / num_mini_batches)", a.micro_batch_size)
+    _check(a.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1", a.ppo_epochs)
+    _check(a.ema_reference_decay is None or 0 < a.ema_reference_decay < 1, "algo.ema_reference_decay",
+           "in (0, 1) or null", a.ema_reference_decay)
+
+
+def _validate_dpo(a: AlgoConfig) -> None:
+    from rlhf_lab.algos.preference import LOSSES, validate_params
+
+    if a.loss_type not in LOSSES:
+        raise ConfigError(
+            f"config key 'algo.loss_type': unknown loss {a.loss_type!r}; valid names: {', '.join(sorted(LOSSES))}"
+        )
+    try:
+        validate_params(a.loss_type, loss_params(a))
+    except ValueError as e:
+        raise ConfigError(f"config group 'algo': {e}") from None
+
+
+def _validate_common(cfg: RunConfig) -> None:
+    _check(cfg.optim.name in ("adamw", "rmsprop", "sgd"), "optim.name", "adamw | rmsprop | sgd", cfg.optim.name)
+    _check(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
+    _check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
+    _check(cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps)
+    _check(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", cfg.train.checkpoint_every)
+    if isinstance(cfg.algo, AlgoConfig):   # PPO's batch is algo.rollout_batch_size; best-of-n trains nothing
+        _check(cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
+               "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}",
+               cfg.train.batch_size)
+    _check(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
+    _check(cfg.eval.temperature > 0, "eval.temperature", "> 0", cfg.eval.temperature)
+    _check(cfg.preferences.temperature > 0, "preferences.temperature", "> 0", cfg.preferences.temperature)
+    _check(cfg.preferences.completions_per_prompt >= 2, "preferences.completions_per_prompt", ">= 2",
+           cfg.preferences.completions_per_prompt)
+    _check(cfg.data.truncation in ("truncate", "drop"), "data.truncation", "truncate | drop", cfg.data.truncation)
+    _check(cfg.reward.gold in ("classifier", "vader"), "reward.gold", "classifier | vader", cfg.reward.gold)
+    _validate_strategy(cfg.strategy, cfg.train)
+    validate_reward_model(cfg.reward_model)
+    _check(cfg.logger.name in ("wandb", "none"), "logger.name", "wandb | none", cfg.logger.name)
+    _check(cfg.task.name in ("imdb", "none"), "task.name", "imdb | none", cfg.task.name)
+    if cfg.task.name == "none":
+        _check(cfg.data.source is not None, "data.source", "a dataset path or hub name when task=none", None)
+        _check(cfg.model.name_or_path is not None, "model.name_or_path", "a model when task=none", None)
+    _check(cfg.model.name_or_path is not None or bool(cfg.model.config), "model.config",
+           "architecture kwargs when model.name_or_path is null", cfg.model.config)
+    _check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
+           "a pretrained model when model.sft=false (there is nothing to start from)", None)
+
+
+def validate_reward_model(r: "RewardModelConfig") -> None:
+    """Checked with the rest of the run config at start-up, not when the stage starts after SFT and sampling."""
+    checks = [
+        (r.steps >= 1, "steps", ">= 1", r.steps),
+        (r.batch_size >= 1, "batch_size", ">= 1", r.batch_size),
+        (r.lr > 0, "lr", "> 0", r.lr),
+        (r.weight_decay >= 0, "weight_decay", ">= 0", r.weight_decay),
+        (r.warmup_steps >= 0, "warmup_steps", ">= 0", r.warmup_steps),
+        (r.max_grad_norm is None or r.max_grad_norm > 0, "max_grad_norm", "> 0 or null", r.max_grad_norm),
+        (r.center_rewards_coefficient is None or r.center_rewards_coefficient >= 0,
+         "center_rewards_coefficient", ">= 0 or null", r.center_rewards_coefficient),
+        (0.0 <= r.eval_fraction < 1.0, "eval_fraction", "in [0, 1)", r.eval_fraction),
+        (r.normalization_samples == 0 or r.normalization_samples >= 2, "normalization_samples",
+         "0 (off) or >= 2", r.normalization_samples),
+    ]
+    for ok, key, expected, value in checks:
+        _check(ok, f"reward_model.{key}", expected, value)
+
+
+def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:
+    _check(s.name in ("torch", "deepspeed"), "strategy.name", "torch | deepspeed", s.name)
+    _check(s.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", "0, 1, 2 or 3", s.zero_stage)
+    _check(s.generation in ("gather", "synced"), "strategy.generation", "gather | synced", s.generation)
+    if s.name == "torch":
+        for key in ("offload_optimizer", "offload_param", "reference_offload_param", "reward_offload_param"):
+            _check(not getattr(s, key), f"strategy.{key}", "false with strategy.name=torch (offload needs deepspeed)",
+                   getattr(s, key))
+        _check(s.zero_stage == 0, "strategy.zero_stage", "0 with strategy.name=torch (ZeRO needs deepspeed)",
+               s.zero_stage)
+        _check(s.config_path is None, "strategy.config_path", "null with strategy.name=torch", s.config_path)
+    else:
+        for key in ("offload_param", "reference_offload_param", "reward_offload_param"):
+            _check(not getattr(s, key) or s.zero_stage == 3, f"strategy.{key}",
+                   "true only with zero_stage=3 (below it every rank keeps whole parameters)", getattr(s, key))
+        _check(not train.compile, "train.compile", "false with strategy=deepspeed (DeepSpeed compiles its own "
+               "engine)", train.compile)
+
+
+def loss_params(algo: AlgoConfig):
+    from rlhf_lab.algos.preference import LossParams
+
+    return LossParams(
+        beta=float(algo.beta), label_smoothing=algo.label_smoothing, rpo_alpha=algo.rpo_alpha,
+        simpo_gamma=algo.simpo_gamma, orpo_lambda=algo.orpo_lambda, discopop_tau=algo.discopop_tau,
+        f_divergence_type=algo.f_divergence_type, f_alpha_divergence_coef=algo.f_alpha_divergence_coef,
+        desirable_weight=algo.desirable_weight, undesirable_weight=algo.undesirable_weight,
+    )
+
+
+def _to_schema(schema: type, node, prefix: str):
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"invalid config at key '{prefix}{key}': {msg}") from None
+
+
+def validate_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Merge a composed config into the schema; raise ConfigError naming the offending key."""
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    algo_raw = raw.get("algo") or OmegaConf.create({})
+    name = algo_raw.get("name", "dpo")
+    if name not in ALGO_SCHEMAS:
+        raise ConfigError(f"config key 'algo.name': unknown algorithm {name!r}; valid: {', '.join(ALGO_SCHEMAS)}")
+    rest = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "algo"])
+    run_cfg: RunConfig = _to_schema(RunConfig, rest, prefix="")
+    run_cfg.algo = _to_schema(ALGO_SCHEMAS[name], algo_raw, prefix="algo.")
+    _validate_semantics(run_cfg)
+    return run_cfg
+
+
+def to_container(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+@dataclass
+class RewardModelConfig:
+    steps: int = 150                    # optimizer steps of Bradley–Terry training
+    batch_size: int = 32                # pairs per optimizer step (2× rows per forward: chosen then rejected)
+    lr: float = 1e-4                    # AdamW
+    weight_decay: float = 0.0           # AdamW decoupled weight decay (0.1 cut over-fitting on the IMDb pairs)
+    warmup_steps: int = 10              # linear warm-up, then constant
+    max_grad_norm: float = 10.0         # gradient clipping of the RM loop (overrides the strategy's)
+    center_rewards_coefficient: Optional[float] = None  # c·mean((r_c + r_r)²) (0.01 suggested); None = off
+    use_margin: bool = False            # margin = chosen_score − rejected_score (gold gap) when the pairs carry scores
+    eval_fraction: float = 0.1          # share of pairs held out (split by prompt) for pairwise accuracy
+    normalization_samples: int = 256    # SFT samples on train prompts used to fit gain/bias (mean 0, std 1); 0 = none
