@@ -60,6 +60,10 @@ def test_smoke_study_writes_points_records_and_every_arm(smoke_study_dir):
     frontier = pd.read_csv(smoke_study_dir / "frontier.csv")
     assert set(frontier["method_label"]) <= {"dpo (sigmoid)", "ipo", "ppo", "ppo_gt",
                                              "best-of-n by gold (KL upper bound)"} and len(frontier) > 0
+    results = pd.read_csv(smoke_study_dir / "results.csv")         # each setting's last evaluation, with its cost
+    assert len(results) == len(SMOKE_RUNS) and (results["step"] == results["step"].clip(lower=1)).all()
+    trained = results[results["method_label"] != "best-of-n by gold (KL upper bound)"]
+    assert (trained["train_flops_mean"] > 0).all() and (trained["train_samples_mean"].notna()).all()
     assert sorted(p.name for p in (smoke_study_dir / "figures").glob("*.png")) == [
         "frontier.png", "kl_vs_step.png", "length_vs_reward.png", "reward_vs_step.png"]
     judged = points[points["judge_oracle_win_rate"].notna()]  # the study's oracle judge, on final steps only

@@ -128,6 +128,16 @@ def _cost_means(group: pd.DataFrame) -> dict[str, float]:
             for c in ("train_samples", "train_flops", "train_seconds")}
 
 
+def final_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Each setting's last evaluation, seed-averaged (`AGG_COLUMNS`): the table an experiment reports as its
+    results (a study's `results.csv`)."""
+    agg = aggregate_seeds(points)
+    if agg.empty:
+        return agg
+    last = agg.groupby(["method_label", "setting"], dropna=False)["step"].transform("max")
+    return agg[agg["step"] == last].reset_index(drop=True)
+
+
 def frontier_mask(kl: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """True where a point is not dominated (no other point has KL ≤ and gold ≥ with one strict).
 

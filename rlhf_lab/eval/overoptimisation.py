@@ -69,7 +69,7 @@ def _peak(alpha: float, beta: float, form: str) -> tuple[float, float]:
 def overoptimisation_fits(points: pd.DataFrame) -> pd.DataFrame:
     """One Gao et al. fit per method trained on a learned reward (PPO: proxy reward present, not PPO-GT) and per
     best-of-n scored by the reward model, over every evaluation of every run: gold gain = gold − the run's step-0
-    gold. Columns: method, form, alpha, beta, r2, points, peak_kl, peak_gain."""
+    gold. Columns `FIT_COLUMNS` (max_kl: the largest KL the fitted points reached)."""
     rows = []
     for method, loss_type, form in (("ppo", None, "rl"), ("best_of_n", "reward_model", "bon")):
         sel = points[(points["method"] == method)
@@ -85,5 +85,18 @@ def overoptimisation_fits(points: pd.DataFrame) -> pd.DataFrame:
             continue
         label = method if loss_type is None else f"{method} by {loss_type}"
         rows.append({"method": label, **{k: getattr(fit, k) for k in
-                                         ("form", "alpha", "beta", "r2", "points", "peak_kl", "peak_gain")}})
-    return pd.DataFrame(rows, columns=["method", "form", "alpha", "beta", "r2", "points", "peak_kl", "peak_gain"])
+                                         ("form", "alpha", "beta", "r2", "points", "peak_kl", "peak_gain")},
+                     "max_kl": float(trained["kl_mean"].max())})
+    return pd.DataFrame(rows, columns=FIT_COLUMNS)
+
+
+FIT_COLUMNS = ["method", "form", "alpha", "beta", "r2", "points", "peak_kl", "peak_gain", "max_kl"]
+
+
+def describe_peak(fit) -> str:
+    """'+0.123 gold at KL 4.5', flagged when the peak lies beyond the largest KL the runs reached (an
+    extrapolation), or 'no peak' when the fit never turns down."""
+    if not math.isfinite(fit.peak_kl):
+        return "no peak (β ≤ 0)"
+    beyond = f" (beyond the trained KL ≤ {fit.max_kl:.1f}: an extrapolation)" if fit.peak_kl > fit.max_kl else ""
+    return f"+{fit.peak_gain:.3f} gold at KL {fit.peak_kl:.1f}{beyond}"

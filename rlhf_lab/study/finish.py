@@ -57,24 +57,26 @@ def summary_table(points: pd.DataFrame) -> str:
 
 def overoptimisation_text(points: pd.DataFrame) -> str:
     """One line per Gao et al. 2023 fit (eval/overoptimisation.py), empty when no arm optimises a learned reward."""
-    from rlhf_lab.eval.overoptimisation import overoptimisation_fits
+    from rlhf_lab.eval.overoptimisation import describe_peak, overoptimisation_fits
 
     fits = overoptimisation_fits(points) if not points.empty else pd.DataFrame()
     return "".join(
         f"over-optimisation (Gao et al. 2023, gold gain = d(α − β·{'log d' if r.form == 'rl' else 'd'}), "
-        f"d = √KL), {r.method}: α {r.alpha:.4f}, β {r.beta:.4f}, R² {r.r2:.3f} over {r.points} points; fitted peak "
-        + (f"+{r.peak_gain:.3f} gold at KL {r.peak_kl:.1f}\n" if r.peak_kl != float("inf") else "none (β ≤ 0)\n")
-        for r in fits.itertuples())
+        f"d = √KL), {r.method}: α {r.alpha:.4f}, β {r.beta:.4f}, R² {r.r2:.3f} over {r.points} points; fitted "
+        f"peak {describe_peak(r)}\n" for r in fits.itertuples())
 
 
 def write_frontier(study_dir: Path, points: pd.DataFrame) -> pd.DataFrame:
-    """`<study_dir>/frontier.csv`: each method's Pareto-frontier points (seed means with 95% CIs), and
+    """`<study_dir>/frontier.csv`: each method's Pareto-frontier points (seed means with 95% CIs);
+    `results.csv`: each setting's final evaluation (seed means with 95% CIs, and its cost); and
     `comparisons.csv`: every pair of methods at each KL budget, paired over seeds (eval/paired.py)."""
-    from rlhf_lab.eval.frontier import aggregate_seeds, default_kl_budgets, pareto_frontier
+    from rlhf_lab.eval.frontier import aggregate_seeds, default_kl_budgets, final_points, pareto_frontier
     from rlhf_lab.eval.paired import PAIRED_COLUMNS, paired_comparisons
 
     frontier = pareto_frontier(aggregate_seeds(points)) if not points.empty else pd.DataFrame()
     atomic_write_text(study_dir / "frontier.csv", frontier.to_csv(index=False))
+    atomic_write_text(study_dir / "results.csv", (final_points(points) if not points.empty
+                                                  else pd.DataFrame()).to_csv(index=False))
     comparisons = (paired_comparisons(points, default_kl_budgets(points)) if not points.empty
                    else pd.DataFrame(columns=PAIRED_COLUMNS))
     atomic_write_text(study_dir / "comparisons.csv", comparisons.to_csv(index=False))

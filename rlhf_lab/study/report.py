@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 from rlhf_lab.eval import frontier as fr
-from rlhf_lab.eval.overoptimisation import overoptimisation_fits
+from rlhf_lab.eval.overoptimisation import describe_peak, overoptimisation_fits
 from rlhf_lab.eval import convergence, paired
 from rlhf_lab.study import plots
 from rlhf_lab.study import report_tables as rt
@@ -121,8 +120,7 @@ def _overoptimisation(points: pd.DataFrame) -> str:
         "method": fits["method"], "form": ["d(α − β log d)" if f == "rl" else "d(α − β d)" for f in fits["form"]],
         "α": fits["alpha"].map("{:.4f}".format), "β": fits["beta"].map("{:.4f}".format),
         "R²": fits["r2"].map("{:.3f}".format), "points": fits["points"],
-        "fitted peak": [f"+{g:.3f} gold at KL {k:.1f}" if math.isfinite(k) else "no peak (β ≤ 0)"
-                        for g, k in zip(fits["peak_gain"], fits["peak_kl"])]})
+        "fitted peak": [describe_peak(r) for r in fits.itertuples()]})
     return ("<h2>Reward-model over-optimisation</h2><p class='sub'>gold gain over each run's SFT start against "
             "d = √KL, fitted with Gao et al. 2023's forms (every evaluation of every run and seed); a peak inside "
             "the trained KL range means more optimisation of the learned reward lowers the gold reward</p>"
