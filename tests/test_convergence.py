@@ -16,6 +16,8 @@ def test_last_two_evaluations_flag_runs_still_moving():
         row(beta=0.5, step=10, gold=0.55, gold_se=0.03), row(beta=0.5, step=20, gold=0.57, gold_se=0.04),  # plateau
         row(beta=1.0, step=10, gold=0.55, gold_se=0.0), row(beta=1.0, step=20, gold=0.50, gold_se=0.0),    # falling
         row(beta=2.0, step=10, gold=0.5),                                       # one evaluation: no verdict
+        row(method="best_of_n", loss_type="gold", step=32, gold=0.80),         # best-of-n: steps are n, not
+        row(method="best_of_n", loss_type="gold", step=64, gold=0.90),         # training; never flagged
     )
     out = last_two_evaluations(points).set_index("setting")
     assert list(out.index) == ["β=0.1", "β=0.5", "β=1"]

@@ -5,6 +5,7 @@ For run r with gold means g₁ (second-to-last evaluation) and g₂ (last), each
 the difference Δ = g₂ − g₁ has standard error √(se₁² + se₂²) (independent evaluation samples: each evaluation
 draws its own completions). |Δ| > that SE — a deliberately sensitive one-SE rule, since the cost of a false alarm
 is a longer run and the cost of a miss is a wrong verdict — marks the run "still rising" or "still falling".
+Best-of-n runs are left out: their steps are n, not training, and their gold rises with n by construction.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ CONVERGENCE_COLUMNS = ["run_id", "method_label", "setting", "step_prev", "step_l
 
 
 def last_two_evaluations(points: pd.DataFrame) -> pd.DataFrame:
-    """One row per run with at least two evaluations after step 0 (`CONVERGENCE_COLUMNS`)."""
+    """One row per trained run with at least two evaluations after step 0 (`CONVERGENCE_COLUMNS`)."""
     labelled = fr.with_labels(points)
+    trained = labelled[(labelled["step"] > 0) & (labelled["method"] != "best_of_n")]
     rows = []
-    for run_id, g in labelled[labelled["step"] > 0].groupby("run_id", sort=True):
+    for run_id, g in trained.groupby("run_id", sort=True):
         g = g.sort_values("step")
         if len(g) < 2:
             continue
