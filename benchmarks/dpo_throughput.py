@@ -352,13 +352,20 @@ def partial_result(path: Path, args) -> dict:
     return {"status": status, **(summarise(timed, sum(timed), len(timed)) if timed else {})}
 
 
+def installed_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:   # e.g. trl, which only the TRL contestants' venvs need
+        return None
+
+
 def machine_info() -> dict:
     import torch
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
     flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
-    versions = {pkg: metadata.version(pkg) for pkg in ("torch", "transformers", "trl", "accelerate", "datasets")}
+    versions = {pkg: installed_version(pkg) for pkg in ("torch", "transformers", "trl", "accelerate", "datasets")}
     return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")},

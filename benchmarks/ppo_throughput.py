@@ -2,7 +2,8 @@
 
 What is measured: steady-state episodes/s, where an episode is one prompt rolled out (sampling, log-probs of actor
 and reference, values, reward) AND trained on (4 PPO epochs of one minibatch of 32, actor and critic updated), the
-median seconds per PPO step, the mean response length and the peak RSS of the process. fp32 only. Every contestant
+median seconds per PPO step, the mean response length and the peak RSS of the process, at one precision per
+invocation (`--precision fp32`, or `bf16`: CPU autocast in every pass of both contestants). Every contestant
 runs in its own subprocess (clean peak RSS, no shared caches or thread pools) within ONE invocation, so ratios are
 fair. `--warmup` PPO steps are run first and excluded; the timed window covers whole loop iterations.
 
@@ -26,12 +27,14 @@ Contestants:
             replaced by no-ops on the instance. The four roles come from the real builder
             `recipes.ppo.build_ppo_models` (critic_init=reward_model, learned reward without normalisation) and
             the optimisers from `recipes.ppo.place_ppo_models` (two AdamW from the `optim` group, one per trained role; strategies
-            TorchStrategy("cpu", "fp32", 1, 1.0): grad-norm clipping at 1.0, rlhf_lab's default).
+            TorchStrategy("cpu", <precision>, 1, 1.0): grad-norm clipping at 1.0, rlhf_lab's default; its
+            autocast covers sampling, scoring and training alike).
   trl112    TRL 1.12 PPOTrainer.train() as shipped (its own loop; one AdamW over policy + value head, TRL's default
             `optim`; no grad clipping in its loop), with per_device_train_batch_size=32, num_mini_batches=1,
             num_ppo_epochs=4, response_length=48, temperature=0.7, local_rollout_forward_batch_size=32,
             kl_coef=0.05, stop_token="eos", missing_eos_penalty=None, num_sample_generations=0 (no debug sampling),
-            bf16=False, use_cpu, report_to none, save_strategy no, lr_scheduler constant (as rlhf_lab).
+            bf16=(precision == bf16: accelerate's CPU autocast), use_cpu, report_to none, save_strategy no,
+            lr_scheduler constant (as rlhf_lab).
             TRL's PPO loop is custom: it fires `on_train_begin` before the first update and `on_step_end` after each
             update (lr step), but no `on_step_begin`; a step is timed as the interval between consecutive
             `on_step_end`s (the first from `on_train_begin`), i.e. whole iterations including its per-step
@@ -157,6 +160,7 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     from rlhf_lab.config import EvalConfig, PPOConfig, RunConfig
     from rlhf_lab.data.tokenize import encode_prompt
     from rlhf_lab.distributed.strategy import TorchStrategy
+    from rlhf_lab.eval.points import RunIdentity
     from rlhf_lab.models.build import load_tokenizer
     from rlhf_lab.recipes.ppo import build_ppo_models, place_ppo_models
     from rlhf_lab.recipes.run import seed_everything
@@ -183,27 +187,56 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     texts = load_prompts(root)
     prompts = PromptSet([encode_prompt(tok, t) for t in texts], texts)
     check_prompt_ids(prompts.ids, "rlhf_lab")
-    actor_s, critic_s = (TorchStrategy("cpu", "fp32", 1, algo.max_grad_norm) for _ in range(2))
+    actor_s, critic_s = (TorchStrategy("cpu", args.precision, 1, algo.max_grad_norm) for _ in range(2))
     models, eval_reference = build_ppo_models(cfg, root, root / "rm", tok, None, actor_s)
     models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
     clock = StepClock()
     total = args.warmup + args.steps
+    identity = RunIdentity("benchmark", "ppo_throughput", "ppo", "ppo", SEED, kl_coef=KL_COEF)
     trainer = PPOTrainer(models, tok, prompts, PromptSet([], []), eval_reference, None, algo, EvalConfig(), total,
-                         actor_s, critic_s, clock, None, None, work, SEED, checkpoint_every=10**9)
+                         actor_s, critic_s, clock, None, identity, work, SEED, checkpoint_every=10**9)
     trainer.evaluate = lambda: None          # evaluation and checkpointing are not part of the measured loop
     trainer.checkpoints.save = lambda *a, **k: None
+    phases = profile_phases(trainer)
     reset_peak_rss()
     clock.start = time.perf_counter()
     trainer.train()
     assert len(clock.ends) == total, f"{len(clock.ends)} steps recorded"
     times = [b - a for a, b in zip([clock.start] + clock.ends[:-1], clock.ends)][args.warmup:]
     timed = clock.metrics[args.warmup:]
+    spent = {name: sum(t[args.warmup:]) for name, t in phases.items()}
     return {**summarise(times), "threads": torch.get_num_threads(),
+            "profile_s_per_step": {name: s / args.steps for name, s in spent.items()}
+            | {"other": (sum(times) - sum(spent.values())) / args.steps},
             "mean_response_length": statistics.mean(m["val/response_length"] for m in timed),
             "eos_per_step": statistics.mean(m["val/num_eos_tokens"] for m in timed),
             "own_episodes_per_s_median": statistics.median(m["train/episodes_per_s"] for m in timed),
             "final_metrics": {k: clock.metrics[-1][k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl",
                                                                  "objective/scores")}}
+
+
+def profile_phases(trainer) -> dict[str, list[float]]:
+    """Where rlhf_lab's PPO step spends its time: seconds per step in sampling (KV-cached generation, with the
+    old log-probs), scoring (reference, critic and reward passes) and optimisation (epochs of actor and critic
+    updates); the rest of the step is 'other' (advantages, metrics, the KL controller)."""
+    import rlhf_lab.trainers.ppo as ppo_module
+    import rlhf_lab.trainers.ppo_rollout as rollout_module
+
+    phases: dict[str, list[float]] = {"sampling": [], "scoring": [], "optimisation": []}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name].append(time.perf_counter() - started)   # each phase runs once per PPO step
+        return wrapper
+
+    ppo_module.sample_with_logprobs = timed("sampling", ppo_module.sample_with_logprobs)
+    ppo_module.score_rollout = timed("scoring", rollout_module.score_rollout)
+    trainer.optimise = timed("optimisation", trainer.optimise)
+    return phases
 
 
 def run_trl112(root: Path, args, work: Path) -> dict:
@@ -259,7 +292,8 @@ def run_trl112(root: Path, args, work: Path) -> dict:
         num_mini_batches=MINI_BATCHES, num_ppo_epochs=PPO_EPOCHS, response_length=RESPONSE_LEN,
         temperature=TEMPERATURE, total_episodes=ROLLOUT_BATCH * total, local_rollout_forward_batch_size=ROLLOUT_BATCH,
         kl_coef=KL_COEF, learning_rate=LR, lr_scheduler_type="constant", stop_token="eos", missing_eos_penalty=None,
-        num_sample_generations=0, report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=SEED,
+        num_sample_generations=0, report_to="none", use_cpu=True, bf16=args.precision == "bf16", save_strategy="no",
+        seed=SEED,
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
     timer = StepTimer()
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -312,7 +346,8 @@ def run_child(name: str, args, assets: Path, tmp: Path) -> dict:
         return {"contestant": name, "status": f"failed (no interpreter {python}; see the module docstring for the "
                                               "setup command)"}
     cmd = [python, str(Path(__file__).resolve()), "--child", name, "--assets", str(assets), "--child-out", str(out),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--precision", args.precision]
     return launch_child(cmd, {"contestant": name}, out, log, tmp, args,
                         lambda: partial_result(Path(str(out) + ".partial"), args))
 
@@ -367,7 +402,7 @@ def parent_main(args) -> None:
               "max_response_tokens": RESPONSE_LEN, "rollout_batch": ROLLOUT_BATCH, "ppo_epochs": PPO_EPOCHS,
               "mini_batches": MINI_BATCHES, "dataset_prompts": num_prompts}
     settings = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "timeout_s": args.timeout,
-                "precision": "fp32", "temperature": TEMPERATURE, "kl_coef": KL_COEF, "lr": LR,
+                "precision": args.precision, "temperature": TEMPERATURE, "kl_coef": KL_COEF, "lr": LR,
                 "trl_python": interpreter("trl112", args)}
     machine = machine_info()
     machine["versions"] = {"parent": machine["versions"],
@@ -382,6 +417,10 @@ def parent_main(args) -> None:
     print(f"CPU: {machine['cpu']} ({machine['logical_cpus']} logical), threads={args.threads}, "
           f"flags {machine['flags']}; {vers}")
     print(markdown(results))
+    for r in results:
+        if "profile_s_per_step" in r:
+            print(f"{r['contestant']} seconds per step: " + ", ".join(f"{k} {v:.2f}"
+                                                                   for k, v in r["profile_s_per_step"].items()))
     if report["ratios"]:
         print(f"\nrlhf_lab / TRL 1.12 = {report['ratios']['rlhf_lab_over_trl112']:.2f}×")
     print(f"\nwritten: {out}")
@@ -392,9 +431,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed PPO steps (rollout + 4 epochs each)")
     p.add_argument("--warmup", type=int, default=1, help="untimed PPO steps first")
     p.add_argument("--timeout", type=int, default=900, help="seconds per contestant subprocess")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast for both contestants (results go to ppo_throughput_bf16.json)")
     p.add_argument("--trl-python", default=".venv-trl112/bin/python",
                    help="interpreter of the TRL 1.12 venv (relative to the repo root unless absolute)")
-    return parse_checked(p, argv)
+    args = parse_checked(p, argv)
+    if args.precision == "bf16" and args.out == p.get_default("out"):
+        args.out = args.out.replace(".json", "_bf16.json")
+    return args
 
 
 if __name__ == "__main__":
