@@ -2,6 +2,7 @@
 finds them there (rlhf_lab/paths.py); a checkout finds the top-level folders."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,14 @@ def test_checkout_uses_the_top_level_trees():
 
 
 def test_installed_wheel_finds_conf_and_experiments(tmp_path):
+    source = tmp_path / "source"          # a copy: building in the checkout would leave build/ behind
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "rlhf_lab", "conf", "experiments"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (REPO / name).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "wheel"), str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "wheel").glob("rlhf_lab-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {str(p.relative_to(REPO)) for tree in ("conf", "experiments") for p in (REPO / tree).rglob("*")
