@@ -87,6 +87,17 @@ def test_aggregation_keeps_settings_steps_and_methods_apart():
     assert agg.loc[("ppo", "kl_coef=0.1", 1), "proxy_mean"] == pytest.approx(1.5)
 
 
+def test_a_sweep_over_another_key_is_not_pooled_as_seeds():
+    """Two label-noise levels at the same β are two settings (their run ids differ beyond the seed), each with
+    its own seeds."""
+    rows = [row(beta=0.1, step=1, seed=s, gold=g) | {"run_id": f"dpo-label_noise_temperature{t}-seed{s}"}
+            for t, golds in (("0", (0.7, 0.8)), ("0.5", (0.5, 0.6))) for s, g in enumerate(golds)]
+    agg = fr.aggregate_seeds(table(*rows)).set_index("setting")
+    assert sorted(agg.index) == ["β=0.1 · dpo-label_noise_temperature0", "β=0.1 · dpo-label_noise_temperature0.5"]
+    assert agg.loc["β=0.1 · dpo-label_noise_temperature0", "gold_mean"] == pytest.approx(0.75)
+    assert (agg["n_seeds"] == 2).all()
+
+
 # ---------------------------------------------------------------- Pareto frontier
 
 

@@ -98,6 +98,11 @@ def with_labels(points: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["method_label"] = method_labels(df)
     df["setting"] = [setting_label(b, k, t) for b, k, t in zip(df["beta"], df["kl_coef"], df["target_kl"])]
+    # a sweep over another key (e.g. preferences.label_noise_temperature) gives runs the same β / kl_coef that are
+    # different settings, not seeds of one: their run ids differ beyond the seed, so they are told apart by it
+    family = df["run_id"].astype(str).str.replace(r"-seed\d+$", "", regex=True)
+    shared = family.groupby([df["method_label"], df["setting"]]).transform("nunique") > 1
+    df.loc[shared, "setting"] = df.loc[shared, "setting"] + " · " + family[shared]
     return df
 
 
