@@ -62,7 +62,8 @@ def dpo_single(workspace):
     return workspace / "dpo1"
 
 
-@pytest.mark.parametrize("strategy", ["torch", "zero2", "zero3"])
+# ZeRO-2 runs with the slow tests (CI budget): ZeRO-3 partitions everything ZeRO-2 does, and more
+@pytest.mark.parametrize("strategy", ["torch", pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
 def test_dpo_on_two_ranks_equals_one_process(workspace, dpo_single, strategy):
     run_dir = workspace / f"dpo2-{strategy}"
     run_torchrun(args(workspace, run_dir.name, "train.steps=4", f"strategy={strategy}"), workspace)

@@ -120,6 +120,7 @@ def test_failed_point_is_isolated_reported_and_rerun(tmp_path, smoke_study_dir):
     assert again.returncode == 1 and good.stat().st_mtime_ns == mtime  # only the missing point was retried
 
 
+@pytest.mark.slow   # CI budget: the real SLURM array (test_slurm.py) runs phase=point from SLURM_ARRAY_TASK_ID too
 def test_point_phase_runs_one_point_and_status_counts_the_rest(tmp_path, smoke_study_dir):
     spec = failing_study(tmp_path, smoke_study_dir)
     run_ids = cli("study", f"study={spec}", "phase=list", cwd=tmp_path).stdout.split()
