@@ -33,7 +33,8 @@ Contestants:
             `optim`; no grad clipping in its loop), with per_device_train_batch_size=32, num_mini_batches=1,
             num_ppo_epochs=4, response_length=48, temperature=0.7, local_rollout_forward_batch_size=32,
             kl_coef=0.05, stop_token="eos", missing_eos_penalty=None, num_sample_generations=0 (no debug sampling),
-            bf16=(precision == bf16: accelerate's CPU autocast), use_cpu, report_to none, save_strategy no,
+            bf16=(precision == bf16) and ACCELERATE_MIXED_PRECISION=bf16 (its PPOTrainer builds its own
+            Accelerator, which reads only the variable: accelerate's CPU autocast), use_cpu, report_to none, save_strategy no,
             lr_scheduler constant (as rlhf_lab).
             TRL's PPO loop is custom: it fires `on_train_begin` before the first update and `on_step_end` after each
             update (lr step), but no `on_step_begin`; a step is timed as the interval between consecutive
@@ -56,6 +57,7 @@ Run (the lead's full benchmark):
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import sys
@@ -296,10 +298,15 @@ def run_trl112(root: Path, args, work: Path) -> dict:
         seed=SEED,
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
     timer = StepTimer()
+    # TRL 1.12's PPOTrainer builds its own Accelerator without passing `bf16` on: accelerate reads the precision
+    # from this variable instead (checked below: the result records the accelerator's mixed_precision)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if args.precision == "bf16" else "no"
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_list([{"input_ids": p} for p in ids]),
                          eval_dataset=Dataset.from_list([{"input_ids": p} for p in ids[:ROLLOUT_BATCH]]),
                          callbacks=[timer])
+    want = "bf16" if args.precision == "bf16" else "no"
+    assert str(trainer.accelerator.mixed_precision) == want, f"TRL runs {trainer.accelerator.mixed_precision}, not {want}"
     trainer.train()
     assert len(timer.ends) == total, f"{len(timer.ends)} steps recorded"
     times = [b - a for a, b in zip([timer.start] + timer.ends[:-1], timer.ends)][args.warmup:]
