@@ -29,8 +29,8 @@ from rlhf_lab.models.sampling import sample_completions
 from rlhf_lab.recipes.dpo import stage_seconds
 from rlhf_lab.recipes.ppo import sampling_stages
 from rlhf_lab.recipes.run import RunContext
-from rlhf_lab.trainers.compute import ComputeMeter
 from rlhf_lab.rewards.source import LearnedRewardSource
+from rlhf_lab.trainers.compute import ComputeMeter
 from rlhf_lab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

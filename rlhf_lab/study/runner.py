@@ -1,8 +1,9 @@
 """A study: shared stages once, then every arm's sweep points (× seeds), then one points table, frontier and report.
 
-The study file (`experiments/<name>/study.yaml` or `conf/studies/<name>.yaml`) names the arms; each arm is a list of Hydra overrides plus a sweep
-(key → values); the runner composes each point's config with Hydra's compose API — the same configs a user gets
-from `rlhf-lab ...` — so a point runs identically here, in a SLURM array task or from the command line.
+The study file (`experiments/<name>/study.yaml` or `conf/studies/<name>.yaml`) names the arms; each arm is a list
+of Hydra overrides plus a sweep (key → values); the runner composes each point's config with Hydra's compose API —
+the same configs a user gets from `rlhf-lab ...` — so a point runs identically here, in a SLURM array task or from
+the command line. A study's `budget` gives every trained arm the same training budget (config.BudgetConfig).
 
     rlhf-lab study study=NAME [jobs=N] [overrides]   everything, locally (N sweep points in parallel)
     rlhf-lab study study=NAME phase=list             the sweep points, one run id per line (index = line number)
@@ -29,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
-from rlhf_lab.config import BestOfNConfig, PPOConfig, RunConfig, to_container, validate_run_config
+from rlhf_lab.config import BUDGET_UNITS, BestOfNConfig, PPOConfig, RunConfig, to_container, validate_run_config
 from rlhf_lab.config_keys import check_keys_are_read, override_keys
 from rlhf_lab.distributed import comm
 from rlhf_lab.paths import study_file, study_names
@@ -155,8 +156,6 @@ def budget_overrides(spec: dict, where: str = "study") -> list[str]:
     budget = spec.get("budget")
     if budget is None:
         return []
-    from rlhf_lab.config import BUDGET_UNITS
-
     if not isinstance(budget, dict) or set(budget) != {"by", "value"} or budget["by"] not in BUDGET_UNITS \
             or not isinstance(budget["value"], (int, float)) or isinstance(budget["value"], bool) \
             or not budget["value"] > 0:
