@@ -146,25 +146,26 @@ def per_run_table(inputs: StudyInputs) -> pd.DataFrame:
 
 def budget_display_table(points: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
     """Best gold per method (rows) at each KL budget (columns), cells 'gold [CI] (setting, step)'."""
-    best = fr.best_at_kl_budgets(points, budgets)
-    rows = {}
-    for _, r in best.iterrows():
-        cell = ("—" if pd.isna(r["gold_mean"]) else
-                f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}] "
-                f"({r['setting']}, step {int(r['step'])}, KL {r['kl_mean']:.2f})")
-        rows.setdefault(r["method_label"], {})[f"KL ≤ {r['kl_budget']:g}"] = cell
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method").reset_index()
+    return _best_gold_table(fr.best_at_kl_budgets(points, budgets), lambda r: f"KL ≤ {r['kl_budget']:g}",
+                            lambda r: "")
 
 
 def cost_budget_display_table(points: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
     """Best gold per method (rows) within each training-FLOP budget (columns), cells 'gold [CI] (setting, step)'."""
-    best = fr.best_at_cost_budgets(points, budgets)
+    return _best_gold_table(fr.best_at_cost_budgets(points, budgets),
+                            lambda r: f"≤ {r['flops_budget']:.0e} FLOPs",
+                            lambda r: f"{r['train_flops_mean']:.2g} FLOPs, ")
+
+
+def _best_gold_table(best: pd.DataFrame, column, spent) -> pd.DataFrame:
+    """A `frontier._best_within` table as methods (rows) × budgets (columns); `column(row)` names a budget's
+    column, `spent(row)` is what the cell says the point cost before its KL ('' for KL budgets)."""
     rows = {}
     for _, r in best.iterrows():
         cell = ("—" if pd.isna(r["gold_mean"]) else
                 f"{r['gold_mean']:.3f} [{r['gold_ci_low']:.3f}, {r['gold_ci_high']:.3f}] "
-                f"({r['setting']}, step {int(r['step'])}, {r['train_flops_mean']:.2g} FLOPs, KL {r['kl_mean']:.2f})")
-        rows.setdefault(r["method_label"], {})[f"≤ {r['flops_budget']:.0e} FLOPs"] = cell
+                f"({r['setting']}, step {int(r['step'])}, {spent(r)}KL {r['kl_mean']:.2f})")
+        rows.setdefault(r["method_label"], {})[column(r)] = cell
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method").reset_index()
 
 

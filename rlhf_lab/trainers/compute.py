@@ -117,41 +117,41 @@ class ComputeMeter:
     # ------------------------------------------------------------------------------------------------ reporting
     def totals(self) -> dict[str, float]:
         """The cost columns, summed over ranks (collective: every rank calls it). Peak RSS is the largest rank's."""
-        local = [float(self.samples)]
-        for role in ROLES:
-            local.append(float(self.roles[role].tokens_forward) if role in self.roles else 0.0)
-        local += [float(self.roles[r].tokens_backward) if r in self.roles else 0.0 for r in ("policy", "critic")]
-        local.append(sum(c.flops() for c in self.roles.values()))
-        summed = comm.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        peak = max(comm.all_gather_object(max(self._peak_before, peak_rss_mib())))
-        out = dict(zip(COST_COLUMNS, summed))
-        out.update(train_seconds=comm.broadcast_object(self.seconds()), peak_rss_mib=peak)
-        return {k: (int(v) if k.startswith(("tokens_", "train_samples")) else v) for k, v in out.items()}
+        roles, samples = self._summed()
+        none = RoleCount(0)
+        seconds, peak = self._seconds_and_peak()
+        return {"train_samples": samples,
+                **{f"tokens_forward_{r}": roles.get(r, none).tokens_forward for r in ROLES},
+                **{f"tokens_backward_{r}": roles.get(r, none).tokens_backward for r in ("policy", "critic")},
+                "train_flops": float(sum(c.flops() for c in roles.values())),
+                "train_seconds": seconds, "peak_rss_mib": peak}
 
     def per_role(self) -> dict[str, dict]:
         """Counts per role summed over ranks (params, tokens both ways, FLOPs): for summary.json. Collective."""
-        summed = self._summed()
-        summed.pop("_samples")
-        return {role: {**asdict(c), "flops": c.flops()} for role, c in summed.items()}
+        return {role: {**asdict(c), "flops": c.flops()} for role, c in self._summed()[0].items()}
 
-    def _summed(self) -> dict[str, RoleCount]:
-        """Every role's counts summed over ranks (collective)."""
+    def _summed(self) -> tuple[dict[str, RoleCount], int]:
+        """Every role's counts and the policy samples, summed over ranks (collective)."""
         names = sorted(self.roles)
         local = [float(getattr(self.roles[r], f)) for r in names for f in ("tokens_forward", "tokens_backward")]
         summed = comm.all_reduce_sum(torch.tensor(local + [float(self.samples)], dtype=torch.float64)).tolist()
         roles = {r: RoleCount(self.roles[r].params, int(summed[2 * i]), int(summed[2 * i + 1]))
                  for i, r in enumerate(names)}
-        return {**roles, "_samples": int(summed[-1])}
+        return roles, int(summed[-1])
+
+    def _seconds_and_peak(self) -> tuple[float, float]:
+        """Rank 0's training seconds (all attempts) and the largest rank's peak RSS (collective)."""
+        seconds = comm.broadcast_object(self.seconds())
+        return seconds, max(comm.all_gather_object(max(self._peak_before, peak_rss_mib())))
 
     # ------------------------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         """The counts summed over ranks (collective: every rank calls it; rank 0's copy is what a checkpoint
         keeps), so a resume restores the run's totals however the ranks' shares differed."""
-        summed = self._summed()
-        samples = summed.pop("_samples")
-        return {"roles": {r: asdict(c) for r, c in summed.items()}, "samples": samples,
-                "seconds": comm.broadcast_object(self.seconds()),
-                "peak_rss_mib": max(comm.all_gather_object(max(self._peak_before, peak_rss_mib())))}
+        roles, samples = self._summed()
+        seconds, peak = self._seconds_and_peak()
+        return {"roles": {r: asdict(c) for r, c in roles.items()}, "samples": samples, "seconds": seconds,
+                "peak_rss_mib": peak}
 
     def load_state_dict(self, state: dict) -> None:
         """Rank 0 takes the checkpoint's totals, the other ranks start their shares from zero: `totals()` then
