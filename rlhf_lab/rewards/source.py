@@ -71,7 +71,7 @@ class LearnedRewardSource:
 
     @torch.no_grad()
     def score(self, prompts, completions, seqs):
-        if not self.same_tokenizer:
+        if seqs is None or not self.same_tokenizer:   # text only (e.g. relabelling stored pairs)
             seqs = self._retokenize(prompts, completions)
         out = []
         for start in range(0, len(seqs), self.batch_size):
