@@ -166,7 +166,8 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     from rlhf_lab.models.build import load_tokenizer
     from rlhf_lab.recipes.ppo import build_ppo_models, place_ppo_models
     from rlhf_lab.recipes.run import seed_everything
-    from rlhf_lab.trainers.ppo import PPOTrainer, PromptSet
+    from rlhf_lab.trainers.on_policy import OnPolicyRun, PromptSet
+    from rlhf_lab.trainers.ppo import PPOTrainer
 
     class StepClock:
         """Stands in for RunLogger: PPOTrainer.train() logs once at the end of every step."""
@@ -195,8 +196,9 @@ def run_rlhf_lab(root: Path, args, work: Path) -> dict:
     clock = StepClock()
     total = args.warmup + args.steps
     identity = RunIdentity("benchmark", "ppo_throughput", "ppo", "ppo", SEED, kl_coef=KL_COEF)
-    trainer = PPOTrainer(models, tok, prompts, PromptSet([], []), eval_reference, None, algo, EvalConfig(), total,
-                         actor_s, critic_s, clock, None, identity, work, SEED, checkpoint_every=10**9)
+    run = OnPolicyRun(tok, prompts, PromptSet([], []), eval_reference, None, EvalConfig(), total, clock, None,
+                      identity, work, SEED, checkpoint_every=10**9)
+    trainer = PPOTrainer(models, run, algo, actor_s, critic_s)
     trainer.evaluate = lambda: None          # evaluation and checkpointing are not part of the measured loop
     trainer.checkpoints.save = lambda *a, **k: None
     phases = profile_phases(trainer)
@@ -221,6 +223,7 @@ def profile_phases(trainer) -> dict[str, list[float]]:
     """Where rlhf_lab's PPO step spends its time: seconds per step in sampling (KV-cached generation, with the
     old log-probs), scoring (reference, critic and reward passes) and optimisation (epochs of actor and critic
     updates); the rest of the step is 'other' (advantages, metrics, the KL controller)."""
+    import rlhf_lab.trainers.on_policy as on_policy_module
     import rlhf_lab.trainers.ppo as ppo_module
     import rlhf_lab.trainers.ppo_rollout as rollout_module
 
@@ -235,7 +238,7 @@ def profile_phases(trainer) -> dict[str, list[float]]:
                 phases[name].append(time.perf_counter() - started)   # each phase runs once per PPO step
         return wrapper
 
-    ppo_module.sample_with_logprobs = timed("sampling", ppo_module.sample_with_logprobs)
+    on_policy_module.sample_with_logprobs = timed("sampling", on_policy_module.sample_with_logprobs)
     ppo_module.score_rollout = timed("scoring", rollout_module.score_rollout)
     trainer.optimise = timed("optimisation", trainer.optimise)
     return phases

@@ -77,8 +77,9 @@ class DataConfig:
 
 
 @dataclass
-class AlgoConfig:
-    name: str = "dpo"                   # trainer: dpo (the whole DPO family, paired or unpaired)
+class PreferenceLossConfig:
+    """A DPO-family loss and its parameters (offline DPO and online DPO)."""
+
     loss_type: str = "sigmoid"          # a name in rlhf_lab.algos.preference.LOSSES (TRL names)
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -90,41 +91,83 @@ class AlgoConfig:
     f_alpha_divergence_coef: float = 0.5   # TRL 1.16 default
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    unlikelihood_alpha: float = 1.0     # unlikelihood: weight of the rejected completion's Σ log(1 − π) term
 
 
 @dataclass
-class PPOConfig:
+class AlgoConfig(PreferenceLossConfig):
+    name: str = "dpo"                   # trainer: dpo (the whole DPO family, paired or unpaired)
+
+
+@dataclass
+class SamplingConfig:
+    """What every method that learns from its own samples shares: how it samples and how fast the policy moves."""
+
+    rollout_batch_size: int = 32        # prompts rolled out per step
+    micro_batch_size: int = 32          # rows per forward/backward (gradient accumulation inside a minibatch)
+    temperature: float = 0.7            # applied identically in rollout, reference and training passes
+    response_length: int = 48
+    actor_lr: float = 3e-6
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RewardedConfig(SamplingConfig):
+    """On-policy RL from a scalar reward (PPO, RLOO, GRPO): where the reward comes from, how it is shaped, and the
+    KL regularisation towards the reference."""
+
+    reward: str = "learned"             # learned (reward model) | gold (task's gold reward, "-GT") | callable
+    reward_callable: Optional[str] = None  # "module:function", (prompts, completions) -> scores, for reward=callable
+    kl_coef: float = 0.05               # β of the KL regularisation (PPO: per-token penalty; initial value if adaptive)
+    kl_estimator: str = "k1"            # k1 (log-ratio) | k3 ((e^{−k1} − 1) + k1, always ≥ 0)
+    num_mini_batches: int = 1           # optimiser steps per epoch over a rollout
+    cliprange: float = 0.2
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
+    normalize_reward: bool = True       # learned RM: its stored gain/bias; gold: fitted alike (SFT samples → 0, 1)
+    reward_clip: Optional[float] = None # clip scores to [−c, c]
+
+
+@dataclass
+class PPOConfig(RewardedConfig):
     """PPO with four roles (actor, critic, reference, reward); defaults follow TRL's PPO where it has one."""
 
     name: str = "ppo"
-    reward: str = "learned"             # learned (reward model, PPO) | gold (task's gold reward, PPO-GT) | callable
-    reward_callable: Optional[str] = None  # "module:function", (prompts, completions) -> scores, for reward=callable
-    kl_coef: float = 0.05               # β of the per-token KL penalty r_t = −β·kl_t (initial value if adaptive)
-    kl_estimator: str = "k1"            # k1 (log-ratio) | k3 ((e^{−k1} − 1) + k1, always ≥ 0)
     adaptive_kl: bool = False           # Ziegler et al. controller towards target_kl
     target_kl: float = 6.0              # nats per sequence
     kl_horizon: int = 10000
-    rollout_batch_size: int = 32        # prompts rolled out per PPO step
-    num_mini_batches: int = 1           # optimiser steps per PPO epoch
-    micro_batch_size: int = 32          # rows per forward/backward (gradient accumulation inside a minibatch)
     ppo_epochs: int = 4
-    cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
-    temperature: float = 0.7            # applied identically in rollout, reference and training passes
-    response_length: int = 48
-    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
-    normalize_reward: bool = True       # learned RM: apply its stored gain/bias (SFT samples → mean 0, std 1)
     whiten_rewards: bool = False        # whiten the per-token rewards (no mean shift)
-    reward_clip: Optional[float] = None # clip scores to [−c, c]
     critic_init: str = "reward_model"   # reward_model | sft (SFT backbone with a fresh scalar head)
-    actor_lr: float = 3e-6
     critic_lr: float = 3e-6
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
     ema_reference_decay: Optional[float] = None  # EMA of the policy as reference (Xu et al. 2024); None = frozen SFT
+
+
+@dataclass
+class CriticFreeConfig(RewardedConfig):
+    """RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024): k samples per prompt, the baseline from the other
+    samples, no critic (rlhf_lab/algos/critic_free.py). RLOO puts β·KL (kl_estimator) into the sequence reward;
+    GRPO adds β·k3 to the loss (its kl_estimator is k3)."""
+
+    name: str = "rloo"                  # rloo | grpo
+    samples_per_prompt: int = 4         # k: the group each baseline is computed in
+    num_iterations: int = 1             # epochs over each rollout (GRPO's μ); 1 = on-policy REINFORCE / GRPO
+    scale_rewards: bool = True          # grpo: divide by the group's std (false: centre only, Dr. GRPO)
+
+
+@dataclass
+class OnlineDPOConfig(PreferenceLossConfig, SamplingConfig):
+    """Online DPO (Guo et al. 2024): every step samples two completions per prompt from the current policy, an
+    annotator labels them, and a DPO-family step is taken against the frozen reference. refresh_every K > 1 is
+    iterative DPO (Xu et al. 2023): K steps' worth of pairs sampled and labelled at once, then trained on."""
+
+    name: str = "online_dpo"
+    annotator: str = "gold"             # gold | reward_model | judge:<preset> (rlhf_lab/rewards/annotators.py)
+    refresh_every: int = 1              # steps per sampling round: 1 = online, K > 1 = iterative
 
 
 @dataclass
@@ -138,7 +181,9 @@ class BestOfNConfig:
     scorer: str = "gold"                # gold: the task's gold reward (the yardstick) | reward_model: the learned RM
 
 
-ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig, "best_of_n": BestOfNConfig}
+ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig, "rloo": CriticFreeConfig,
+                                  "grpo": CriticFreeConfig, "online_dpo": OnlineDPOConfig,
+                                  "best_of_n": BestOfNConfig}
 
 
 @dataclass
@@ -247,6 +292,10 @@ def _check(cond: bool, key: str, expected: str, value: Any) -> None:
 def _validate_semantics(cfg: RunConfig) -> None:
     if isinstance(cfg.algo, PPOConfig):
         _validate_ppo(cfg.algo)
+    elif isinstance(cfg.algo, CriticFreeConfig):
+        _validate_critic_free(cfg.algo)
+    elif isinstance(cfg.algo, OnlineDPOConfig):
+        _validate_online_dpo(cfg.algo)
     elif isinstance(cfg.algo, BestOfNConfig):
         _check(cfg.algo.samples >= 2, "algo.samples", ">= 2", cfg.algo.samples)
         _check(cfg.algo.scorer in ("gold", "reward_model"), "algo.scorer", "gold | reward_model", cfg.algo.scorer)
@@ -272,26 +321,63 @@ def _apply_budget(cfg: RunConfig) -> None:
         cfg.train.steps = steps_for_budget(b.value, examples_per_step(cfg))
 
 
-def _validate_ppo(a: PPOConfig) -> None:
+def _validate_sampling(a: SamplingConfig, minibatches: int = 1, rows_per_prompt: int = 1) -> None:
+    """Every on-policy method: a rollout of rollout_batch_size prompts × rows_per_prompt rows splits into
+    `minibatches` minibatches of whole micro-batches."""
+    _check(a.rollout_batch_size >= 1, "algo.rollout_batch_size", ">= 1", a.rollout_batch_size)
+    _check(a.temperature > 0, "algo.temperature", "> 0", a.temperature)
+    _check(a.response_length >= 1, "algo.response_length", ">= 1", a.response_length)
+    _check(a.actor_lr > 0, "algo.actor_lr", "> 0", a.actor_lr)
+    rows = a.rollout_batch_size * rows_per_prompt
+    _check(rows % minibatches == 0, "algo.rollout_batch_size",
+           f"a rollout of {rows} rows divisible by algo.num_mini_batches={minibatches}", a.rollout_batch_size)
+    mini = rows // minibatches
+    _check(a.micro_batch_size >= 1 and mini % a.micro_batch_size == 0, "algo.micro_batch_size",
+           f"a divisor of the minibatch size {mini} (rollout rows / num_mini_batches)", a.micro_batch_size)
+
+
+def _validate_rewarded(a: RewardedConfig, rows_per_prompt: int = 1) -> None:
     _check(a.reward in ("learned", "gold", "callable"), "algo.reward", "learned | gold | callable", a.reward)
     _check(a.reward != "callable" or bool(a.reward_callable), "algo.reward_callable",
            "'module:function' when algo.reward=callable", a.reward_callable)
     _check(a.kl_estimator in ("k1", "k3"), "algo.kl_estimator", "k1 | k3", a.kl_estimator)
     _check(a.kl_coef >= 0, "algo.kl_coef", ">= 0", a.kl_coef)
+    _check(a.num_mini_batches >= 1, "algo.num_mini_batches", ">= 1", a.num_mini_batches)
+    _validate_sampling(a, a.num_mini_batches, rows_per_prompt)
+
+
+def _validate_ppo(a: PPOConfig) -> None:
+    _validate_rewarded(a)
     _check(a.target_kl > 0, "algo.target_kl", "> 0", a.target_kl)
-    _check(a.temperature > 0, "algo.temperature", "> 0", a.temperature)
     _check(a.critic_init in ("reward_model", "sft"), "algo.critic_init", "reward_model | sft", a.critic_init)
-    _check(a.rollout_batch_size % a.num_mini_batches == 0, "algo.rollout_batch_size",
-           f"divisible by algo.num_mini_batches={a.num_mini_batches}", a.rollout_batch_size)
-    mini = a.rollout_batch_size // a.num_mini_batches
-    _check(mini % a.micro_batch_size == 0, "algo.micro_batch_size",
-           f"a divisor of the minibatch size {mini} (rollout_batch_size / num_mini_batches)", a.micro_batch_size)
     _check(a.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1", a.ppo_epochs)
     _check(a.ema_reference_decay is None or 0 < a.ema_reference_decay < 1, "algo.ema_reference_decay",
            "in (0, 1) or null", a.ema_reference_decay)
 
 
-def _validate_dpo(a: AlgoConfig) -> None:
+def _validate_critic_free(a: CriticFreeConfig) -> None:
+    _check(a.name in ("rloo", "grpo"), "algo.name", "rloo | grpo", a.name)
+    _check(a.samples_per_prompt >= 2, "algo.samples_per_prompt", ">= 2 (the baseline is the other samples)",
+           a.samples_per_prompt)
+    _check(a.num_iterations >= 1, "algo.num_iterations", ">= 1", a.num_iterations)
+    _check(a.name != "grpo" or a.kl_estimator == "k3", "algo.kl_estimator",
+           "k3 for algo=grpo (its loss adds β·k3, Shao et al. 2024 eq. 4)", a.kl_estimator)
+    _validate_rewarded(a, rows_per_prompt=a.samples_per_prompt)
+
+
+def _validate_online_dpo(a: OnlineDPOConfig) -> None:
+    from rlhf_lab.algos.preference import UNPAIRED_LOSSES
+    from rlhf_lab.rewards.annotators import check_annotator_spec
+
+    _check(a.loss_type not in UNPAIRED_LOSSES, "algo.loss_type",
+           "a paired loss (online DPO labels pairs of its own samples)", a.loss_type)
+    _validate_dpo(a)
+    check_annotator_spec(a.annotator, "algo.annotator")
+    _check(a.refresh_every >= 1, "algo.refresh_every", ">= 1 (1 = online, K = iterative)", a.refresh_every)
+    _validate_sampling(a)
+
+
+def _validate_dpo(a: PreferenceLossConfig) -> None:
     from rlhf_lab.algos.preference import LOSSES, validate_params
 
     if a.loss_type not in LOSSES:
@@ -372,7 +458,7 @@ def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:
                "engine)", train.compile)
 
 
-def loss_params(algo: AlgoConfig):
+def loss_params(algo: PreferenceLossConfig):
     from rlhf_lab.algos.preference import LossParams
 
     return LossParams(
@@ -380,6 +466,7 @@ def loss_params(algo: AlgoConfig):
         simpo_gamma=algo.simpo_gamma, orpo_lambda=algo.orpo_lambda, discopop_tau=algo.discopop_tau,
         f_divergence_type=algo.f_divergence_type, f_alpha_divergence_coef=algo.f_alpha_divergence_coef,
         desirable_weight=algo.desirable_weight, undesirable_weight=algo.undesirable_weight,
+        unlikelihood_alpha=algo.unlikelihood_alpha,
     )
 
 

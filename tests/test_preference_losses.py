@@ -6,6 +6,7 @@ TRL 1.16's source), never by calling the function under test; inputs are float64
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,10 +37,11 @@ REF_R = [-2.3, -2.5, -2.1, -2.8]
 LEN_C = [3.0, 5.0, 2.0, 4.0]
 LEN_R = [6.0, 2.0, 3.0, 1.0]
 NLL = 0.83
+UL = [-0.9, -0.4, -1.2, -0.1]   # Σ_t log(1 − π) over the rejected tokens (unlikelihood)
 B = len(LC)
 
 
-def make_logps(lc=LC, lr=LR, ref_c=REF_C, ref_r=REF_R, len_c=LEN_C, len_r=LEN_R, nll=NLL, grad=False):
+def make_logps(lc=LC, lr=LR, ref_c=REF_C, ref_r=REF_R, len_c=LEN_C, len_r=LEN_R, nll=NLL, grad=False, ul=UL):
     return PairLogps(
         policy_chosen=t(lc, grad),
         policy_rejected=t(lr, grad),
@@ -48,6 +50,7 @@ def make_logps(lc=LC, lr=LR, ref_c=REF_C, ref_r=REF_R, len_c=LEN_C, len_r=LEN_R,
         chosen_lengths=t(len_c),
         rejected_lengths=t(len_r),
         chosen_nll=None if nll is None else t(nll),
+        rejected_unlikelihood=None if ul is None else t(ul),
     )
 
 
@@ -154,6 +157,14 @@ def exp_rpo(p):
     return [x + p.rpo_alpha * NLL for x in exp_sigmoid(p)]
 
 
+def exp_sft(p):
+    return [NLL] * B
+
+
+def exp_unlikelihood(p):
+    return [-c / nc - p.unlikelihood_alpha * u / nr for c, nc, u, nr in zip(LC, LEN_C, UL, LEN_R)]
+
+
 def exp_simpo(p):
     out = []
     for c, r, nc, nr in zip(LC, LR, LEN_C, LEN_R):
@@ -189,6 +200,8 @@ EXPECTED = {
     "rpo": exp_rpo,
     "simpo": exp_simpo,
     "orpo": exp_orpo,
+    "sft": exp_sft,
+    "unlikelihood": exp_unlikelihood,
 }
 
 PAIRED = sorted(set(LOSSES) - UNPAIRED_LOSSES)
@@ -379,7 +392,7 @@ def test_reference_free_losses_need_no_reference(name):
     p = LossParams(beta=2.0, simpo_gamma=0.3, orpo_lambda=0.25)
     out = LOSSES[name](make_logps(ref_c=None, ref_r=None), p)
     assert_close(out.losses, EXPECTED[name](p))
-    scale = p.beta if name == "simpo" else p.orpo_lambda
+    scale = p.orpo_lambda if name == "orpo" else p.beta
     assert_close(out.chosen_rewards, [scale * c / n for c, n in zip(LC, LEN_C)])
     assert_close(out.rejected_rewards, [scale * r / n for r, n in zip(LR, LEN_R)])
     m = preference_metrics(out, make_logps(ref_c=None, ref_r=None))
@@ -412,17 +425,19 @@ def test_gradients_reach_policy_only(name):
         t(REF_C, True),
         t(REF_R, True),
     )  # even if a caller forgets no_grad, the reference stays frozen
-    logps = PairLogps(
-        logps.policy_chosen,
-        logps.policy_rejected,
-        ref_c,
-        ref_r,
-        logps.chosen_lengths,
-        logps.rejected_lengths,
-        logps.chosen_nll,
-    )
+    nll = t(NLL, True)   # Preferred-FT ("sft") moves the policy through the chosen NLL alone
+    ul = t(UL, True)     # unlikelihood pushes the rejected tokens down through Σ log(1 − π)
+    logps = dataclasses.replace(logps, reference_chosen=ref_c, reference_rejected=ref_r, chosen_nll=nll,
+                                rejected_unlikelihood=ul)
     LOSSES[name](logps, params_for(name, beta=0.5)).losses.mean().backward()
     assert ref_c.grad is None and ref_r.grad is None
+    if name == "sft":
+        assert nll.grad == 1.0 and logps.policy_chosen.grad is None
+        return
+    if name == "unlikelihood":
+        assert_close(ul.grad, [-1.0 / n / B for n in LEN_R])   # α = 1: −α / |y_l| / B
+        assert logps.policy_rejected.grad is None
+        return
     g = torch.cat([logps.policy_chosen.grad, logps.policy_rejected.grad])
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
@@ -543,10 +558,12 @@ def test_registry():
         "simpo",
         "orpo",
         "kto",
+        "sft",
+        "unlikelihood",
     }
     assert set(LOSSES) == expected
     assert UNPAIRED_LOSSES == {"kto"}
-    assert REFERENCE_FREE_LOSSES == {"simpo", "orpo"}
+    assert REFERENCE_FREE_LOSSES == {"simpo", "orpo", "sft", "unlikelihood"}
     assert LABEL_SMOOTHING_LOSSES <= set(LOSSES) and F_DIVERGENCE_LOSSES <= set(LOSSES)
 
 
@@ -615,3 +632,21 @@ def test_validate_params_messages():
         validate_params("discopop", LossParams(discopop_tau=0.0))
     validate_params("robust", LossParams(label_smoothing=0.1))
     validate_params("exo_pair", LossParams(label_smoothing=1e-3))
+
+
+def test_unlikelihood_weight_scales_the_rejected_term():
+    p = LossParams(unlikelihood_alpha=0.25)
+    assert_close(LOSSES["unlikelihood"](make_logps(), p).losses, exp_unlikelihood(p))
+    with pytest.raises(ValueError, match="unlikelihood_alpha must be >= 0"):
+        validate_params("unlikelihood", LossParams(unlikelihood_alpha=-1.0))
+
+
+def test_log_one_minus_p_sums_real_tokens():
+    import math
+
+    from rlhf_lab.algos.preference import log_one_minus_p
+
+    logps = t([[math.log(0.5), math.log(0.2)], [math.log(0.9), math.log(0.3)]])
+    out = log_one_minus_p(logps, t([[1.0, 1.0], [1.0, 0.0]]))
+    assert_close(out, [math.log(0.5) + math.log(0.8), math.log(0.1)])
+    assert torch.isfinite(log_one_minus_p(t([[0.0]]), t([[1.0]]))).all()   # π = 1 is capped, not −inf

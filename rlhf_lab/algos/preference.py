@@ -1,7 +1,8 @@
 """Preference-optimisation losses (DPO and its family), as pure torch functions.
 
 Every loss computes the same number TRL 1.16 computes on the same log-probabilities, and is registered under
-TRL's ``loss_type`` name in :data:`LOSSES`. Formulas: the papers cited on each function and TRL 1.16's trainers.
+TRL's ``loss_type`` name in :data:`LOSSES` (``sft`` is the DPO paper's Preferred-FT baseline); ``unlikelihood``, the
+paper's other baseline, has no TRL counterpart (Welleck et al. 2019). Formulas: the papers cited on each function and TRL 1.16's trainers.
 
 Inputs and shapes
 -----------------
@@ -78,6 +79,9 @@ __all__ = [
     "rpo_loss",
     "sigmoid_loss",
     "sigmoid_norm_loss",
+    "sft_loss",
+    "unlikelihood_loss",
+    "log_one_minus_p",
     "simpo_loss",
     "sppo_hard_loss",
     "validate_params",
@@ -99,7 +103,9 @@ class PairLogps:
     reference_rejected: Tensor | None  # (B,)
     chosen_lengths: Tensor  # (B,) |y_c| number of completion tokens (float)
     rejected_lengths: Tensor  # (B,)
-    chosen_nll: Tensor | None = None  # scalar; RPO: completion tokens, ORPO: prompt + completion tokens
+    chosen_nll: Tensor | None = None  # scalar; RPO / SFT: completion tokens, ORPO: prompt + completion tokens
+    # (B,) Σ_t log(1 − π(y_t | x, y_<t)) over the rejected completion tokens; unlikelihood only
+    rejected_unlikelihood: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class LossParams:
     f_alpha_divergence_coef: float = 0.5
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    unlikelihood_alpha: float = 1.0  # weight of the rejected completion's unlikelihood term
 
 
 @dataclass
@@ -488,6 +495,44 @@ def kto_loss(logps: UnpairedLogps, params: LossParams) -> LossOutput:
     )
 
 
+def sft_loss(logps: PairLogps, params: LossParams) -> LossOutput:
+    """Preferred-FT, the DPO paper's baseline (Rafailov et al. 2023, §6): supervised fine-tuning on the chosen
+    completions only. TRL 1.16's ``loss_type="sft"``: ``-logp[chosen completion mask].mean()``, one mean over the
+    batch's chosen tokens (``chosen_nll``), added to every row. Reference-free; the logged rewards are β times the
+    per-token average log-probs, which is what the loss moves."""
+    nll = _require_nll(logps, "sft")
+    avg_c = logps.policy_chosen / _lengths(logps.chosen_lengths)
+    avg_r = logps.policy_rejected / _lengths(logps.rejected_lengths)
+    return LossOutput(nll.expand(avg_c.shape[0]), params.beta * avg_c.detach(), params.beta * avg_r.detach(),
+                      chosen_logps=avg_c.detach(), rejected_logps=avg_r.detach())
+
+
+def unlikelihood_loss(logps: PairLogps, params: LossParams) -> LossOutput:
+    """Unlikelihood training (Welleck et al. 2019, eq. 4 with the rejected completion as the negative candidates;
+    the DPO paper's §6 baseline): raise the chosen completion's likelihood and push down every token of the
+    rejected one, per pair
+
+        ``−Σ_t log π(y_w,t) / |y_w| − α·Σ_t log(1 − π(y_l,t)) / |y_l|``,  α = ``unlikelihood_alpha``.
+
+    ``rejected_unlikelihood`` holds the inner sum of the second term. Reference-free; rewards as for ``sft``."""
+    if logps.rejected_unlikelihood is None:
+        raise ValueError("loss 'unlikelihood' needs PairLogps.rejected_unlikelihood (Σ_t log(1 − π) over the "
+                         "rejected completion tokens)")
+    avg_c = logps.policy_chosen / _lengths(logps.chosen_lengths)
+    avg_r = logps.policy_rejected / _lengths(logps.rejected_lengths)
+    unlikely = logps.rejected_unlikelihood / _lengths(logps.rejected_lengths)
+    losses = -avg_c - params.unlikelihood_alpha * unlikely
+    return LossOutput(losses, params.beta * avg_c.detach(), params.beta * avg_r.detach(),
+                      chosen_logps=avg_c.detach(), rejected_logps=avg_r.detach(),
+                      extras={"unlikelihood": -unlikely.detach()})
+
+
+def log_one_minus_p(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Σ_t log(1 − π_t) over real tokens, from (B, T) token log-probs. A token of probability 1 in floating point
+    would give −inf: log π is capped at −1e-6 first (a token that certain contributes log(1e-6) ≈ −13.8)."""
+    return (_log1mexp(token_logps.clamp(max=-1e-6)) * mask).sum(-1)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Registry, validation, metrics
 # --------------------------------------------------------------------------------------------------------------
@@ -511,10 +556,12 @@ LOSSES: dict[str, LossFn] = {
     "simpo": simpo_loss,
     "orpo": orpo_loss,
     "kto": kto_loss,  # type: ignore[dict-item]  # takes UnpairedLogps
+    "sft": sft_loss,
+    "unlikelihood": unlikelihood_loss,
 }
 
 UNPAIRED_LOSSES = {"kto"}
-REFERENCE_FREE_LOSSES = {"simpo", "orpo"}
+REFERENCE_FREE_LOSSES = {"simpo", "orpo", "sft", "unlikelihood"}
 # TRL 1.16 accepts a non-default f_divergence_type only for these (plus "sft"; rpo = sigmoid + sft).
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "rpo"}
 # Losses whose formula uses label_smoothing in TRL 1.16; every other loss would ignore it.
@@ -552,6 +599,8 @@ def validate_params(name: str, params: LossParams) -> None:
         raise ValueError(f"discopop_tau must be > 0, got {params.discopop_tau}")
     if name == "rpo" and params.rpo_alpha < 0:
         raise ValueError(f"rpo_alpha must be >= 0, got {params.rpo_alpha}")
+    if name == "unlikelihood" and not params.unlikelihood_alpha >= 0:
+        raise ValueError(f"unlikelihood_alpha must be >= 0, got {params.unlikelihood_alpha}")
     if name == "orpo" and params.orpo_lambda < 0:
         raise ValueError(f"orpo_lambda must be >= 0, got {params.orpo_lambda}")
     if name == "kto" and (params.desirable_weight < 0 or params.undesirable_weight < 0):

@@ -19,7 +19,8 @@ from rlhf_lab.recipes.dpo import sft_or_base, stage_seconds, stage_training
 from rlhf_lab.recipes.run import RunContext, trainer_strategy
 from rlhf_lab.rewards.source import CallableRewardSource, GoldRewardSource, LearnedRewardSource
 from rlhf_lab.trainers.loop import build_trained, micro_batch_for
-from rlhf_lab.trainers.ppo import PPOTrainer, PromptSet
+from rlhf_lab.trainers.on_policy import OnPolicyRun, PromptSet
+from rlhf_lab.trainers.ppo import PPOTrainer
 from rlhf_lab.trainers.ppo_rollout import PPOModels
 from rlhf_lab.utils.errors import ConfigError
 
@@ -44,19 +45,36 @@ def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokeniz
     with strategy.loading("reference"):
         reference = freeze(load_causal_lm(sft_dir))
         eval_reference = freeze(load_causal_lm(sft_dir)) if a.ema_reference_decay is not None else reference
+    reward = build_reward_source(cfg, sft_dir, rm_dir, tokenizer, gold, strategy, prompts)
+    return PPOModels(actor, critic, reference, reward), eval_reference
+
+
+def build_reward_source(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokenizer, gold, strategy,
+                        prompts: list[str]):
+    """What scores an on-policy method's samples (`algo.reward`): the learned reward model (loaded inside
+    `strategy.loading`, unplaced), the gold reward (gain and bias fitted on SFT samples when
+    algo.normalize_reward) or a user callable."""
+    a = cfg.algo
     if a.reward == "learned":
         with strategy.loading("reward"):
             rm, normalization = load_scalar_model(rm_dir)
-        reward = LearnedRewardSource(freeze(rm), load_tokenizer(rm_dir), tokenizer, normalization, None,
-                                     apply_normalization=a.normalize_reward)
-    elif a.reward == "gold":
+        return LearnedRewardSource(freeze(rm), load_tokenizer(rm_dir), tokenizer, normalization, None,
+                                   apply_normalization=a.normalize_reward)
+    if a.reward == "gold":
         if gold is None:
-            raise ConfigError("algo.reward=gold (PPO-GT) needs a task with a gold reward (task=imdb)")
-        reward = GoldRewardSource(gold, gold_normalization(cfg, sft_dir, tokenizer, gold, prompts)
-                                  if a.normalize_reward else None)
-    else:
-        reward = CallableRewardSource(a.reward_callable)
-    return PPOModels(actor, critic, reference, reward), eval_reference
+            raise ConfigError(f"algo.reward=gold (algo={a.name} on the gold reward) needs a task with a gold reward "
+                              "(task=imdb)")
+        return GoldRewardSource(gold, gold_normalization(cfg, sft_dir, tokenizer, gold, prompts)
+                                if a.normalize_reward else None)
+    return CallableRewardSource(a.reward_callable)
+
+
+def place_reward_source(reward, strategy):
+    """A learned reward model is placed like a frozen role (replica, or a ZeRO-3 eval engine)."""
+    if isinstance(reward, LearnedRewardSource):
+        reward.model = strategy.place(reward.model, role="reward")
+        reward.device = strategy.device
+    return reward
 
 
 def gold_normalization(cfg: RunConfig, sft_dir: Path, tokenizer, gold, prompts: list[str]) -> dict:
@@ -94,9 +112,7 @@ def place_ppo_models(cfg: RunConfig, models: PPOModels, eval_reference, actor_s,
     separate_eval_reference = eval_reference is not models.reference
     models.reference = actor_s.place(models.reference)
     eval_reference = actor_s.place(eval_reference) if separate_eval_reference else models.reference
-    if isinstance(models.reward, LearnedRewardSource):
-        models.reward.model = actor_s.place(models.reward.model, role="reward")
-        models.reward.device = actor_s.device
+    models.reward = place_reward_source(models.reward, actor_s)
     return models, eval_reference
 
 
@@ -117,19 +133,24 @@ def train_ppo(cfg: RunConfig, ctx: RunContext) -> dict:
     models, eval_reference = build_ppo_models(cfg, sft_dir, rm_dir, tokenizer, task.gold, actor_s,
                                               task.train_prompts)
     models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
-    train_prompts = PromptSet([encode_prompt(tokenizer, p) for p in task.train_prompts], list(task.train_prompts))
-    test = task.test_prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else task.test_prompts
-    eval_prompts = PromptSet([encode_prompt(tokenizer, p) for p in test], list(test))
-    trainer = PPOTrainer(models, tokenizer, train_prompts, eval_prompts, eval_reference, task.gold, a, cfg.eval,
-                         cfg.train.steps, actor_s, critic_s, ctx.logger, ctx.points, ctx.identity, ctx.run_dir,
-                         cfg.seed, config_hash=ctx.config_hash, checkpoint_every=cfg.train.checkpoint_every,
-                         budget=cfg.train.budget)
+    trainer = PPOTrainer(models, on_policy_run(cfg, ctx, task, tokenizer, eval_reference), a, actor_s, critic_s)
     final = trainer.train()
     if cfg.train.save_model:
         actor_s.save_hf(ctx.run_dir / "model", tokenizer)
     return {"stage_seconds": stage_seconds(used), "final_train_metrics": final,
             "compute_per_role": trainer.meter.per_role(),
             "reward_model": None if rm_dir is None else str(rm_dir), "world_size": comm.world_size()}
+
+
+def on_policy_run(cfg: RunConfig, ctx: RunContext, task, tokenizer, eval_reference) -> OnPolicyRun:
+    """The task's prompts (train: every prefix; evaluation: the held-out ones) and the run's bookkeeping, as every
+    on-policy trainer takes them."""
+    train_prompts = PromptSet([encode_prompt(tokenizer, p) for p in task.train_prompts], list(task.train_prompts))
+    test = task.test_prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else task.test_prompts
+    eval_prompts = PromptSet([encode_prompt(tokenizer, p) for p in test], list(test))
+    return OnPolicyRun(tokenizer, train_prompts, eval_prompts, eval_reference, task.gold, cfg.eval, cfg.train.steps,
+                       ctx.logger, ctx.points, ctx.identity, ctx.run_dir, cfg.seed, config_hash=ctx.config_hash,
+                       checkpoint_every=cfg.train.checkpoint_every, budget=cfg.train.budget)
 
 
 def ppo_stages(cfg: RunConfig) -> tuple:

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from rlhf_lab.algos.preference import (LOSSES, REFERENCE_FREE_LOSSES, UNPAIRED_LOSSES, PairLogps, UnpairedLogps,
-                                       preference_metrics)
+from rlhf_lab.algos.preference import (LOSSES, REFERENCE_FREE_LOSSES, UNPAIRED_LOSSES, LossOutput, PairLogps,
+                                       UnpairedLogps, log_one_minus_p, preference_metrics)
 from rlhf_lab.config import AlgoConfig, EvalConfig, OptimConfig, TrainConfig, loss_params
 from rlhf_lab.data.batches import PreferenceBatch, TokenizedPair, TokenizedUnpaired, UnpairedBatch
 from rlhf_lab.data.collate import collate_pairs, collate_unpaired
@@ -72,6 +72,45 @@ def fixed_widths(pairs: list[TokenizedPair]) -> tuple[int, int]:
     prompt = max(len(p.prompt_ids) for p in pairs)
     completion = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     return prompt, completion
+
+
+def paired_loss(model, batch: PreferenceBatch, loss_type: str, params) -> tuple[LossOutput, PairLogps]:
+    """One forward of `model` over both halves of a pair batch (rows [0, B) chosen, [B, 2B) rejected) → the
+    loss `loss_type` of `algos.preference.LOSSES`, per pair. `batch.reference_logps`: (2B,) or None for the
+    reference-free losses. Shared by offline DPO and online DPO."""
+    seqs, b = batch.sequences, batch.num_pairs
+    full_logits = None
+    if loss_type == "orpo":  # its NLL covers prompt tokens too: one all-position forward serves both
+        full_logits = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                            position_ids=seqs.position_ids, use_cache=False).logits    # (2B, P+C, V)
+        logits = full_logits[:, seqs.prompt_width - 1:-1]                              # (2B, C, V) completion
+    else:
+        logits = completion_logits(model, seqs)                                        # (2B, C, V)
+    token_logps = token_logps_from_logits(logits, seqs)                                # (2B, C)
+    logps, lengths, mask = token_logps.sum(-1), seqs.completion_lengths, seqs.completion_mask
+    ref = batch.reference_logps
+    pair = PairLogps(
+        policy_chosen=logps[:b], policy_rejected=logps[b:],
+        reference_chosen=None if ref is None else ref[:b], reference_rejected=None if ref is None else ref[b:],
+        chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
+        chosen_nll=_chosen_nll(loss_type, token_logps[:b], mask[:b], seqs, b, full_logits),
+        rejected_unlikelihood=log_one_minus_p(token_logps[b:], mask[b:]) if loss_type == "unlikelihood" else None,
+    )
+    return LOSSES[loss_type](pair, params), pair
+
+
+def _chosen_nll(loss_type: str, chosen_token_logps, chosen_mask, seqs, b: int, full_logits) -> Optional[torch.Tensor]:
+    """Mean per-token NLL of the chosen sequences, one mean over the batch's tokens (TRL): completion tokens
+    for RPO and SFT (Preferred-FT), prompt + completion tokens for ORPO (from the all-position logits)."""
+    if loss_type in ("rpo", "sft"):
+        return -chosen_token_logps.sum() / chosen_mask.sum()
+    if loss_type == "orpo":
+        ids, mask = seqs.input_ids[:b], seqs.attention_mask[:b]
+        logits = full_logits[:b, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        target_mask = mask[:, 1:].float()
+        return (nll * target_mask).sum() / target_mask.sum()
+    return None
 
 
 class DPOTrainer:
@@ -161,39 +200,9 @@ class DPOTrainer:
         return self._paired_loss(batch)
 
     def _paired_loss(self, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        seqs, b = batch.sequences, batch.num_pairs
-        full_logits = None
-        if self.algo.loss_type == "orpo":  # its NLL covers prompt tokens too: one all-position forward serves both
-            full_logits = self.train_model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
-                                           position_ids=seqs.position_ids, use_cache=False).logits  # (2B, P+C, V)
-            logits = full_logits[:, seqs.prompt_width - 1:-1]           # (2B, C, V) predicting completion tokens
-        else:
-            logits = completion_logits(self.train_model, seqs)          # (2B, C, V)
-        token_logps = token_logps_from_logits(logits, seqs)             # (2B, C)
-        logps, lengths = token_logps.sum(-1), seqs.completion_lengths
-        ref = batch.reference_logps
-        pair = PairLogps(
-            policy_chosen=logps[:b], policy_rejected=logps[b:],
-            reference_chosen=None if ref is None else ref[:b], reference_rejected=None if ref is None else ref[b:],
-            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-            chosen_nll=self._chosen_nll(token_logps[:b], seqs.completion_mask[:b], seqs, b, full_logits),
-        )
-        out = self.loss_fn(pair, self.params)
+        out, pair = paired_loss(self.train_model, batch, self.algo.loss_type, self.params)
         loss = out.losses.mean()
         return loss, {"train/loss": loss.item(), **preference_metrics(out, pair, prefix="train/")}
-
-    def _chosen_nll(self, chosen_token_logps, chosen_mask, seqs, b: int, full_logits) -> Optional[torch.Tensor]:
-        """Mean per-token NLL of the chosen sequences, one mean over the batch's tokens (TRL): completion tokens
-        for RPO, prompt + completion tokens for ORPO (from the all-position logits of the same forward)."""
-        if self.algo.loss_type == "rpo":
-            return -chosen_token_logps.sum() / chosen_mask.sum()
-        if self.algo.loss_type == "orpo":
-            ids, mask = seqs.input_ids[:b], seqs.attention_mask[:b]
-            logits = full_logits[:b, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            target_mask = mask[:, 1:].float()
-            return (nll * target_mask).sum() / target_mask.sum()
-        return None
 
     def _unpaired_loss(self, batch: UnpairedBatch) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(self.strategy.device)
