@@ -166,7 +166,9 @@ class OnlineDPOConfig(PreferenceLossConfig, SamplingConfig):
     iterative DPO (Xu et al. 2023): K steps' worth of pairs sampled and labelled at once, then trained on."""
 
     name: str = "online_dpo"
-    annotator: str = "gold"             # gold | reward_model | judge:<preset> (rlhf_lab/rewards/annotators.py)
+    annotator: str = "gold"             # gold | reward_model | judge:<preset> | callable:<module>:<function>
+    annotator_flip_rate: float = 0.0    # each decided label flipped with this probability (noisy annotators; 1 =
+                                        # adversarial): how robust is the method to its labeller?
     refresh_every: int = 1              # steps per sampling round: 1 = online, K > 1 = iterative
 
 
@@ -360,6 +362,8 @@ def _validate_critic_free(a: CriticFreeConfig) -> None:
     _check(a.samples_per_prompt >= 2, "algo.samples_per_prompt", ">= 2 (the baseline is the other samples)",
            a.samples_per_prompt)
     _check(a.num_iterations >= 1, "algo.num_iterations", ">= 1", a.num_iterations)
+    _check(a.name == "grpo" or a.scale_rewards, "algo.scale_rewards",
+           "true with algo=rloo (only GRPO divides by the group's std)", a.scale_rewards)
     _check(a.name != "grpo" or a.kl_estimator == "k3", "algo.kl_estimator",
            "k3 for algo=grpo (its loss adds β·k3, Shao et al. 2024 eq. 4)", a.kl_estimator)
     _validate_rewarded(a, rows_per_prompt=a.samples_per_prompt)
@@ -373,6 +377,7 @@ def _validate_online_dpo(a: OnlineDPOConfig) -> None:
            "a paired loss (online DPO labels pairs of its own samples)", a.loss_type)
     _validate_dpo(a)
     check_annotator_spec(a.annotator, "algo.annotator")
+    _check(0.0 <= a.annotator_flip_rate <= 1.0, "algo.annotator_flip_rate", "in [0, 1]", a.annotator_flip_rate)
     _check(a.refresh_every >= 1, "algo.refresh_every", ">= 1 (1 = online, K = iterative)", a.refresh_every)
     _validate_sampling(a)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from rlhf_lab.config import BestOfNConfig, PPOConfig, RewardModelConfig, RunConfig
+from rlhf_lab.config import BestOfNConfig, OnlineDPOConfig, PPOConfig, RewardModelConfig, RunConfig, SamplingConfig
 from rlhf_lab.utils.errors import ConfigError
 
 
@@ -14,25 +14,8 @@ def unread_keys(cfg: RunConfig) -> dict[str, str]:
     A user who sets one of them expects it to matter: `check_keys_are_read` makes that an error."""
     unread: dict[str, str] = {}
     a = cfg.algo
-    if isinstance(a, PPOConfig):
-        name = "algo.reward=gold (PPO-GT)" if a.reward == "gold" else f"algo={a.name}"
-        unread.update({
-            "train.batch_size": f"{name} takes algo.rollout_batch_size episodes per step",
-            "train.micro_batch_size": f"{name} uses algo.micro_batch_size",
-            "train.compile": "only the DPO family compiles its training forward",
-            "optim.lr": f"{name} uses algo.actor_lr and algo.critic_lr",
-            "optim.warmup_steps": f"{name} uses algo.warmup_steps",
-            "data.source": f"{name} samples its own completions on the task's prompts",
-            "data.split": f"{name} reads no preference dataset", "data.max_pairs": f"{name} reads no pairs",
-        })
-        if a.reward != "learned" and a.critic_init != "reward_model":
-            reason = f"with algo.reward={a.reward} and algo.critic_init={a.critic_init} no reward model is trained"
-            unread["preferences."] = reason
-            if a.reward == "gold" and a.normalize_reward:   # PPO-GT fits its gold normalisation on as many samples
-                unread.update({f"reward_model.{f.name}": reason for f in fields(RewardModelConfig)
-                               if f.name != "normalization_samples"})
-            else:
-                unread["reward_model."] = reason
+    if isinstance(a, SamplingConfig):
+        unread.update(_on_policy_unread(a))
     elif isinstance(a, BestOfNConfig):
         unread.update({key: "algo=best_of_n trains nothing: it samples from the SFT model" for key in (
             "train.steps", "train.batch_size", "train.micro_batch_size", "train.compile", "train.save_model",
@@ -52,6 +35,39 @@ def unread_keys(cfg: RunConfig) -> dict[str, str]:
                        "reward.gold": "task=none has no gold reward", "preferences.": "task=none generates no pairs"})
     elif not cfg.model.sft:
         unread["sft."] = "model.sft=false skips the SFT stage"
+    return unread
+
+
+def _on_policy_unread(a: SamplingConfig) -> dict[str, str]:
+    """PPO, RLOO, GRPO, online DPO: they sample on the task's prompts and size their batches in the algo group."""
+    name = "algo.reward=gold (PPO-GT)" if getattr(a, "reward", None) == "gold" else f"algo={a.name}"
+    lr = "algo.actor_lr and algo.critic_lr" if isinstance(a, PPOConfig) else "algo.actor_lr"
+    unread = {
+        "train.batch_size": f"{name} takes algo.rollout_batch_size prompts per step",
+        "train.micro_batch_size": f"{name} uses algo.micro_batch_size",
+        "train.compile": "only the DPO family compiles its training forward",
+        "optim.lr": f"{name} uses {lr}",
+        "optim.warmup_steps": f"{name} uses algo.warmup_steps",
+        "data.source": f"{name} samples its own completions on the task's prompts",
+        "data.split": f"{name} reads no preference dataset", "data.max_pairs": f"{name} reads no pairs",
+    }
+    uses_rm = getattr(a, "reward", None) == "learned" or getattr(a, "annotator", None) == "reward_model" or \
+        getattr(a, "critic_init", None) == "reward_model"
+    if uses_rm:
+        return unread
+    if isinstance(a, OnlineDPOConfig):
+        why = f"algo.annotator={a.annotator}"
+    elif isinstance(a, PPOConfig):
+        why = f"algo.reward={a.reward} and algo.critic_init={a.critic_init}"
+    else:
+        why = f"algo.reward={a.reward}"
+    reason = f"with {why} no reward model is trained"
+    unread["preferences."] = reason
+    if getattr(a, "reward", None) == "gold" and a.normalize_reward:   # gold normalisation uses as many samples
+        unread.update({f"reward_model.{f.name}": reason for f in fields(RewardModelConfig)
+                       if f.name != "normalization_samples"})
+    else:
+        unread["reward_model."] = reason
     return unread
 
 

@@ -12,3 +12,4 @@ def some_nan_reward(prompts, completions):
 
 def all_nan_reward(prompts, completions):
     return [math.inf] * len(completions)
+

@@ -47,15 +47,22 @@ COST_BUDGET_COLUMNS = [
 ]
 
 
+# the DPO paper's baselines, trained by the DPO trainer under these loss names
+BASELINE_LABELS = {"sft": "preferred-ft", "unlikelihood": "unlikelihood"}
+
+
 def method_label(method: str, loss_type: object) -> str:
-    """Curve name: the DPO family is split by loss type (sigmoid is plain DPO), best-of-n by its scorer (its KL is
-    an upper bound, and the label says so), other methods keep their name."""
+    """Curve name: the DPO family is split by loss type (sigmoid is plain DPO; sft is the paper's Preferred-FT),
+    online / iterative DPO by loss type too, best-of-n by its scorer (its KL is an upper bound, and the label says
+    so), other methods keep their name."""
     if method == "best_of_n":
         return f"best-of-n by {loss_type} (KL upper bound)"
+    loss = "" if loss_type is None or (isinstance(loss_type, float) and math.isnan(loss_type)) else str(loss_type)
+    if method in ("online_dpo", "iterative_dpo"):
+        return str(method) if loss in ("", "sigmoid") else f"{method} ({loss})"
     if method != "dpo":
         return str(method)
-    loss = "" if loss_type is None or (isinstance(loss_type, float) and math.isnan(loss_type)) else str(loss_type)
-    return "dpo (sigmoid)" if loss in ("", "sigmoid") else loss
+    return "dpo (sigmoid)" if loss in ("", "sigmoid") else BASELINE_LABELS.get(loss, loss)
 
 
 def method_labels(points: pd.DataFrame) -> pd.Series:

@@ -134,9 +134,14 @@ def train_ppo(cfg: RunConfig, ctx: RunContext) -> dict:
                                               task.train_prompts)
     models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
     trainer = PPOTrainer(models, on_policy_run(cfg, ctx, task, tokenizer, eval_reference), a, actor_s, critic_s)
+    return finish_on_policy(cfg, ctx, trainer, actor_s, tokenizer, used, rm_dir)
+
+
+def finish_on_policy(cfg: RunConfig, ctx: RunContext, trainer, strategy, tokenizer, used: list, rm_dir) -> dict:
+    """Train, save the final policy (HF format), and return the run summary's details."""
     final = trainer.train()
     if cfg.train.save_model:
-        actor_s.save_hf(ctx.run_dir / "model", tokenizer)
+        strategy.save_hf(ctx.run_dir / "model", tokenizer)
     return {"stage_seconds": stage_seconds(used), "final_train_metrics": final,
             "compute_per_role": trainer.meter.per_role(),
             "reward_model": None if rm_dir is None else str(rm_dir), "world_size": comm.world_size()}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lab.config import BestOfNConfig, PPOConfig, RunConfig, to_container
+from rlhf_lab.config import BestOfNConfig, CriticFreeConfig, OnlineDPOConfig, PPOConfig, RunConfig, to_container
 from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
@@ -61,18 +61,38 @@ class RunContext:
 
 
 def run_identity(cfg: RunConfig) -> RunIdentity:
-    a = cfg.algo
+    """Method, variant and the knob a sweep moves, as the points table, the frontier and W&B name them; the run id
+    spells out every parameter that makes two runs different settings (the frontier tells settings apart by it)."""
+    a, seed = cfg.algo, f"seed{cfg.seed}"
     if isinstance(a, PPOConfig):
         method = {"learned": "ppo", "gold": "ppo_gt", "callable": "ppo_custom"}[a.reward]
         knob = f"target{a.target_kl:g}" if a.adaptive_kl else f"kl{a.kl_coef:g}"
-        run_id = cfg.run_id or f"{method}-{knob}-seed{cfg.seed}"
+        run_id = cfg.run_id or f"{method}-{knob}-{seed}"
         return RunIdentity(cfg.study, run_id, method, "ppo", cfg.seed, kl_coef=a.kl_coef,
                            target_kl=a.target_kl if a.adaptive_kl else None)
+    if isinstance(a, CriticFreeConfig):
+        method = a.name + {"learned": "", "gold": "_gt", "callable": "_custom"}[a.reward]
+        run_id = cfg.run_id or f"{method}-kl{a.kl_coef:g}-k{a.samples_per_prompt}-{seed}"
+        return RunIdentity(cfg.study, run_id, method, a.name, cfg.seed, kl_coef=a.kl_coef)
+    if isinstance(a, OnlineDPOConfig):
+        method = "online_dpo" if a.refresh_every == 1 else "iterative_dpo"
+        every = "" if a.refresh_every == 1 else f"-every{a.refresh_every}"
+        run_id = cfg.run_id or (f"{method}-{a.loss_type}-beta{a.beta:g}-{a.annotator.replace(':', '-')}{every}-"
+                                f"{seed}")
+        return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta)
     if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
-        run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-seed{cfg.seed}"
+        run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-{seed}"
         return RunIdentity(cfg.study, run_id, "best_of_n", a.scorer, cfg.seed)
-    run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}-seed{cfg.seed}"
+    if a.loss_type in ("sft", "unlikelihood"):   # the DPO paper's baselines: β only scales their logged rewards
+        knob = f"-alpha{a.unlikelihood_alpha:g}" if a.loss_type == "unlikelihood" else ""
+        return RunIdentity(cfg.study, cfg.run_id or f"dpo-{a.loss_type}{knob}-{seed}", "dpo", a.loss_type, cfg.seed)
+    run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}-{seed}"
     return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta)
+
+
+def learns_reward_model(a) -> bool:
+    """Whether an on-policy method without a critic needs the reward-model stage (to score or to label)."""
+    return getattr(a, "reward", None) == "learned" or getattr(a, "annotator", None) == "reward_model"
 
 
 def trainer_strategy(cfg: RunConfig, grad_accum: int, max_grad_norm: float | None, micro_batch_size: int):
@@ -104,6 +124,8 @@ def build_run_stages(cfg: RunConfig) -> list:
         return ppo_stages(cfg)[3]
     if isinstance(cfg.algo, BestOfNConfig):
         return sampling_stages(cfg, learned_reward=cfg.algo.scorer == "reward_model")[3]
+    if isinstance(cfg.algo, (CriticFreeConfig, OnlineDPOConfig)):
+        return sampling_stages(cfg, learned_reward=learns_reward_model(cfg.algo))[3]
     return prepare_data(cfg, resolve_device(cfg.train.device)).stages
 
 
@@ -152,6 +174,7 @@ def _finished(run_dir: Path, force: bool) -> tuple[bool, str | None]:
 def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
     from rlhf_lab.recipes.best_of_n import train_best_of_n
     from rlhf_lab.recipes.dpo import train_dpo
+    from rlhf_lab.recipes.on_policy import train_critic_free, train_online_dpo
     from rlhf_lab.recipes.ppo import train_ppo
 
     resume_step = None
@@ -174,7 +197,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
     points = PointsWriter(run_dir / "points.csv") if comm.is_main() else None
     ctx = RunContext(run_dir, identity, logger, points, resume_key(cfg))
     try:
-        recipe = {PPOConfig: train_ppo, BestOfNConfig: train_best_of_n}.get(type(cfg.algo), train_dpo)
+        recipe = {PPOConfig: train_ppo, BestOfNConfig: train_best_of_n, CriticFreeConfig: train_critic_free,
+                  OnlineDPOConfig: train_online_dpo}.get(type(cfg.algo), train_dpo)
         details = recipe(cfg, ctx)
     finally:
         if points is not None:

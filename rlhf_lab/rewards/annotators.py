@@ -7,6 +7,7 @@ An annotator is named by a spec string, validated at start-up (`check_annotator_
     gold               the task's gold reward (the oracle the frontier is measured with)
     reward_model       the learned reward model (trained on gold-labelled pairs)
     judge:<preset>     a judge from conf/judge/<preset>.yaml (oracle, smollm2, openai, ...)
+    callable:<module>:<function>   any Python scorer (prompts, completions) -> scores, higher preferred
 
 Ties and invalid verdicts are never guessed: they come back undecided, counted, and the caller drops the pair.
 """
@@ -21,7 +22,7 @@ import torch
 
 from rlhf_lab.utils.errors import ConfigError
 
-ANNOTATOR_KINDS = ("gold", "reward_model", "judge:<preset>")
+ANNOTATOR_KINDS = ("gold", "reward_model", "judge:<preset>", "callable:<module>:<function>")
 
 
 @dataclass
@@ -92,6 +93,11 @@ def check_annotator_spec(spec: str, key: str) -> None:
     if spec in ("gold", "reward_model"):
         return
     kind, _, preset = spec.partition(":")
+    if kind == "callable":
+        from rlhf_lab.rewards.source import load_callable
+
+        load_callable(preset, key)
+        return
     if kind != "judge" or not preset:
         raise ConfigError(f"config key '{key}': expected one of {' | '.join(ANNOTATOR_KINDS)}, got {spec!r}")
     if not (PRESET_DIR / f"{preset}.yaml").is_file():
@@ -112,11 +118,15 @@ def build_annotator(spec: str, gold=None, reward_model=None) -> Annotator:
         if reward_model is None:
             raise ConfigError("annotator 'reward_model' needs the learned reward model (its stage did not run)")
         return ScoreAnnotator(reward_model, "reward_model")
+    kind, _, preset = spec.partition(":")
+    if kind == "callable":
+        from rlhf_lab.rewards.source import CallableRewardSource
+
+        return ScoreAnnotator(CallableRewardSource(preset, "algo.annotator"), spec)
     from rlhf_lab.judges.config import load_judge_preset
     from rlhf_lab.judges.evaluate import build_judge
     from rlhf_lab.judges.oracle import gold_scorer
 
-    preset = spec.partition(":")[2]
     cfg = load_judge_preset(preset)
     scorer = None if gold is None else gold_scorer(gold)
     return JudgeAnnotator(build_judge(cfg, scorer=scorer, scorer_id=getattr(gold, "name", "gold")), spec)

@@ -43,9 +43,9 @@ class GoldRewardSource:
 class CallableRewardSource:
     """A user function `module:function` taking (prompts, completions) and returning B numbers."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, key: str = "algo.reward_callable"):
         self.name = f"callable:{spec}"
-        self.fn = load_callable(spec)
+        self.fn = load_callable(spec, key)
 
     def score(self, prompts, completions, seqs):
         out = np.asarray(self.fn(list(prompts), list(completions)), dtype=np.float64).reshape(-1)
@@ -88,14 +88,15 @@ class LearnedRewardSource:
         return collate_sequences(p_ids, c_ids, tok.pad_token_id)
 
 
-def load_callable(spec: str) -> Callable:
+def load_callable(spec: str, key: str = "algo.reward_callable") -> Callable:
+    """The function `module:function` names; `key` is the config key that named it (for the error)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"algo.reward_callable: expected 'module:function', got {spec!r}")
+        raise ConfigError(f"{key}: expected 'module:function', got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"algo.reward_callable: cannot load {spec!r}: {e}") from None
+        raise ConfigError(f"{key}: cannot load {spec!r}: {e}") from None
     if not callable(fn):
-        raise ConfigError(f"algo.reward_callable: {spec!r} is not callable")
+        raise ConfigError(f"{key}: {spec!r} is not callable")
     return fn

@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_lab.config import PPOConfig, RunConfig
+from rlhf_lab.config import RunConfig, SamplingConfig
 from rlhf_lab.distributed import comm
 from rlhf_lab.study import record
 from rlhf_lab.trainers.errors import PreemptedError
@@ -142,7 +142,7 @@ def run_points(points: list[SweepPoint], configs: list[RunConfig], study_dir: Pa
                 progress.advance()
         else:
             # longest first (PPO's four models cost more per step than DPO's two): a shorter tail when jobs > 1
-            longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, PPOConfig))
+            longest_first = sorted(zip(points, configs), key=lambda pc: not isinstance(pc[1].algo, SamplingConfig))
             failures = _run_pool([p for p, _ in longest_first], study_dir, jobs, launcher, progress)
     record.record_study(study_dir, phase_seconds={"runs": round(time.time() - started, 1)})
     return failures

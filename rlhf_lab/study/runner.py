@@ -30,7 +30,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from rlhf_lab.cli import CONF_DIR
-from rlhf_lab.config import BUDGET_UNITS, BestOfNConfig, PPOConfig, RunConfig, to_container, validate_run_config
+from rlhf_lab.config import (BUDGET_UNITS, BestOfNConfig, PPOConfig, RunConfig, SamplingConfig, to_container,
+                             validate_run_config)
 from rlhf_lab.config_keys import check_keys_are_read, override_keys
 from rlhf_lab.distributed import comm
 from rlhf_lab.paths import study_file, study_names
@@ -240,10 +241,13 @@ def study_dir_of(cfg: RunConfig, spec: dict) -> Path:
 # ------------------------------------------------------------------------------------------------ stages phase
 def stage_signature(cfg: RunConfig) -> str:
     """What decides which shared stages a run needs: two runs with equal signatures need the same stages."""
+    from rlhf_lab.recipes.run import learns_reward_model
+
     resolved = to_container(cfg)
     a = cfg.algo
     needs = (f"ppo:{a.reward}:{a.critic_init}" if isinstance(a, PPOConfig) else
-             f"best_of_n:{a.scorer}" if isinstance(a, BestOfNConfig) else "dpo")
+             f"best_of_n:{a.scorer}" if isinstance(a, BestOfNConfig) else
+             f"on_policy:{learns_reward_model(a)}" if isinstance(a, SamplingConfig) else "dpo")
     keep = ("task", "reward", "model", "sft", "preferences", "reward_model", "data", "cache_dir", "optim")
     return stable_hash({"needs": needs, "precision": cfg.train.precision, **{k: resolved.get(k) for k in keep}})
 

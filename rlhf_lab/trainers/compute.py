@@ -171,11 +171,14 @@ class ComputeMeter:
 
 
 def examples_per_step(cfg) -> int:
-    """Training examples one optimizer step consumes: PPO episodes (each a fresh policy sample) or preference pairs
-    (KTO: rows)."""
-    from rlhf_lab.config import PPOConfig
+    """Training examples one step consumes: RL episodes (each a fresh policy sample: PPO one per prompt, RLOO and
+    GRPO k per prompt), preference pairs (online DPO: one fresh pair per prompt) or, for KTO, rows."""
+    from rlhf_lab.config import CriticFreeConfig, SamplingConfig
 
-    return cfg.algo.rollout_batch_size if isinstance(cfg.algo, PPOConfig) else cfg.train.batch_size
+    a = cfg.algo
+    if isinstance(a, CriticFreeConfig):
+        return a.rollout_batch_size * a.samples_per_prompt
+    return a.rollout_batch_size if isinstance(a, SamplingConfig) else cfg.train.batch_size
 
 
 def steps_for_budget(samples: float, per_step: int) -> int:

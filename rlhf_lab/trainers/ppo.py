@@ -24,7 +24,8 @@ from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
 from rlhf_lab.trainers.errors import NonFiniteLossError
 from rlhf_lab.trainers.loop import check_finite
 from rlhf_lab.trainers.on_policy import OnPolicyRun, OnPolicyTrainer, PromptSet, rows
-from rlhf_lab.trainers.ppo_rollout import Advantages, PPOModels, Rollout, compute_advantages, score_rollout
+from rlhf_lab.trainers.ppo_rollout import (Advantages, PPOModels, Rollout, compute_advantages, episode_metrics,
+                                           score_rollout)
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +121,14 @@ class PPOTrainer(OnPolicyTrainer):
 
     # ------------------------------------------------------------------------------------------------ metrics
     def rollout_metrics(self, rollout: Rollout, adv: Advantages) -> dict:
-        """TRL's names; means over this rank's episodes, then over ranks (counts are summed)."""
-        mask = rollout.mask
-        used = mask.sum(-1) > 0
-        metrics = {
-            "objective/kl": float(adv.kl.sum(-1)[used].mean()),
-            "objective/entropy": float((-rollout.logprobs * mask).sum(-1)[used].mean()),
-            "objective/non_score_reward": float(adv.non_score_reward[used].mean()),
-            "objective/rlhf_reward": float((rollout.scores + adv.non_score_reward)[used].mean()),
-            "objective/scores": float(rollout.scores[used].mean()),
-            "val/response_length": float(rollout.seqs.completion_mask.sum(-1).float().mean()),
-        }
         gold_as_is = getattr(self.models.reward, "normalization", None) is None
         if self.run.gold is not None and self.models.reward.name.startswith("gold") and gold_as_is:
-            metrics["objective/gold"] = metrics["objective/scores"] if self.cfg.missing_eos_penalty is None else None
+            # PPO-GT's score is the gold reward itself (unless a missing-EOS penalty was subtracted from it)
+            used_mean = float(rollout.scores[rollout.mask.sum(-1) > 0].mean())
+            gold_mean = (lambda *_: used_mean) if self.cfg.missing_eos_penalty is None else (lambda *_: None)
         else:
-            metrics["objective/gold"] = self.gold_mean(rollout.prompts, rollout.completions)
-        metrics = comm.mean_over_ranks(metrics)
-        counts = comm.all_reduce_sum(torch.tensor([float(rollout.has_eos.sum()), float(rollout.num_nonfinite)]))
-        metrics["val/num_eos_tokens"] = int(counts[0])
-        metrics["reward/nonfinite_episodes"] = int(counts[1])
-        return metrics
+            gold_mean = self.gold_mean
+        return episode_metrics(rollout, adv.kl, adv.non_score_reward, gold_mean)
 
     # ------------------------------------------------------------------------------------------------ resume
     def extra_state(self) -> dict:

@@ -11,10 +11,12 @@ import torch
 
 from rlhf_lab.algos.ppo import gae, kl_penalty, masked_whiten, token_rewards
 from rlhf_lab.algos.reward import clip_rewards
-from rlhf_lab.config import PPOConfig
+from rlhf_lab.config import PPOConfig, RewardedConfig
 from rlhf_lab.data.batches import SequenceBatch
 from rlhf_lab.models.heads import token_values
+from rlhf_lab.distributed import comm
 from rlhf_lab.models.logprobs import completion_logits, token_logps_from_logits
+from rlhf_lab.trainers.on_policy import decode_completions
 
 
 @dataclass
@@ -22,7 +24,8 @@ class PPOModels:
     """The four roles. Actor and critic are trained; reference and reward are frozen (eval mode, no grad)."""
 
     actor: torch.nn.Module       # π_θ, initialised from the SFT model
-    critic: torch.nn.Module      # V_φ, a scalar-head model initialised from the reward model (or SFT + fresh head)
+    critic: torch.nn.Module | None  # V_φ, a scalar-head model initialised from the reward model (or SFT + fresh
+                                    # head); None for the critic-free methods (RLOO, GRPO)
     reference: torch.nn.Module   # π_ref for the KL penalty: the SFT model (or its EMA of the actor)
     reward: object               # a rewards.source.RewardSource: learned RM, gold reward (PPO-GT) or a callable
 
@@ -33,7 +36,7 @@ class Rollout:
     mask: torch.Tensor           # (B, T) float: real response tokens of episodes used for the update
     logprobs: torch.Tensor       # (B, T) log π_old(y_t) at the rollout temperature (0 on padding)
     ref_logprobs: torch.Tensor   # (B, T) log π_ref(y_t), same temperature
-    values: torch.Tensor         # (B, T) V_old(s_t)
+    values: torch.Tensor         # (B, T) V_old(s_t) (zeros without a critic)
     scores: torch.Tensor         # (B,) score after EOS penalty / clipping (non-finite rows zeroed and masked out)
     raw_scores: torch.Tensor     # (B,) what the reward source returned
     has_eos: torch.Tensor        # (B,) bool: the response ended with EOS
@@ -53,7 +56,7 @@ class Advantages:
 
 @torch.no_grad()
 def score_rollout(models: PPOModels, tokenizer, seqs: SequenceBatch, logprobs: torch.Tensor | None,
-                  prompt_texts: list[str], cfg: PPOConfig, device) -> Rollout:
+                  prompt_texts: list[str], cfg: RewardedConfig, device) -> Rollout:
     """Score sampled episodes with every role: the reference's log-probs (at the rollout temperature), the
     critic's values and the reward; the actor's log-probs come from the sampler (`logprobs`, (B, T)) or, when
     None, from a forward here. Each role runs one batched pass per call, so ranks run the same number of
@@ -64,10 +67,8 @@ def score_rollout(models: PPOModels, tokenizer, seqs: SequenceBatch, logprobs: t
         logprobs = token_logps_from_logits(completion_logits(models.actor, seqs, cfg.temperature), seqs)
     logprobs = logprobs.to(device)
     ref_logprobs = token_logps_from_logits(completion_logits(models.reference, seqs, cfg.temperature), seqs)
-    values = token_values(models.critic, seqs).float()
-    completion_rows = [[t for t, m in zip(row, msk) if m] for row, msk in
-                       zip(seqs.completion_ids.tolist(), seqs.completion_mask.tolist())]
-    completions = tokenizer.batch_decode(completion_rows, skip_special_tokens=True)
+    values = token_values(models.critic, seqs).float() if models.critic is not None else torch.zeros_like(mask)
+    completions = decode_completions(tokenizer, seqs)
     raw = models.reward.score(prompt_texts, completions, seqs).double().cpu()
     has_eos = (seqs.completion_ids == tokenizer.eos_token_id).any(-1).cpu()
     scores, valid = shape_scores(raw, has_eos, cfg)
@@ -76,7 +77,7 @@ def score_rollout(models: PPOModels, tokenizer, seqs: SequenceBatch, logprobs: t
                    int((~valid).sum()), list(prompt_texts), completions)
 
 
-def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, cfg: RewardedConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Missing-EOS penalty and clipping; non-finite scores become 0 and are flagged invalid (excluded)."""
     valid = torch.isfinite(raw)
     scores = torch.where(valid, raw, torch.zeros_like(raw))
@@ -96,3 +97,25 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg: PPOConfig, reduce_
     advantages, returns = gae(rewards, rollout.values, rollout.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, rollout.mask, shift_mean=True, reduce_sum=reduce_sum) * rollout.mask
     return Advantages(kl, rewards, non_score, advantages, returns)
+
+
+def episode_metrics(rollout: Rollout, kl: torch.Tensor, non_score_reward: torch.Tensor, gold_mean) -> dict:
+    """TRL's names for a rollout; means over this rank's used episodes, then over ranks (counts are summed).
+    `kl`: (B, T) per-token KL estimate; `non_score_reward`: (B,) the KL part of the RL reward; `gold_mean`:
+    (prompts, completions) → mean gold of this rank's samples, or None."""
+    mask = rollout.mask
+    used = mask.sum(-1) > 0
+    metrics = {
+        "objective/kl": float(kl.sum(-1)[used].mean()),
+        "objective/entropy": float((-rollout.logprobs * mask).sum(-1)[used].mean()),
+        "objective/non_score_reward": float(non_score_reward[used].mean()),
+        "objective/rlhf_reward": float((rollout.scores + non_score_reward)[used].mean()),
+        "objective/scores": float(rollout.scores[used].mean()),
+        "objective/gold": gold_mean(rollout.prompts, rollout.completions),
+        "val/response_length": float(rollout.seqs.completion_mask.sum(-1).float().mean()),
+    }
+    metrics = comm.mean_over_ranks(metrics)
+    counts = comm.all_reduce_sum(torch.tensor([float(rollout.has_eos.sum()), float(rollout.num_nonfinite)]))
+    metrics["val/num_eos_tokens"] = int(counts[0])
+    metrics["reward/nonfinite_episodes"] = int(counts[1])
+    return metrics

@@ -1,0 +1,161 @@
+"""The arms beyond DPO and PPO, end to end on tiny models through the console script: RLOO and GRPO (critic-free
+RLHF on PPO's rollout), online and iterative DPO with their annotators, the DPO paper's Preferred-FT and
+Unlikelihood baselines; exact resume after SIGKILL for RLOO and for iterative DPO mid-round."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_lab.eval.points import MACHINE_COLUMNS
+from tests.cli import CONSOLE, cli_env, run_cli
+from tests.test_pipeline_smoke import DPO_BATCH, TINY_BASE, comparable_points, without
+
+pytestmark = pytest.mark.integration
+
+NO_RM = without(TINY_BASE, "preferences.")          # arms on the gold reward train no reward model
+ON_POLICY = ["train.steps=4", "eval.every=2", "train.checkpoint_every=1", "algo.response_length=10",
+             "train.save_model=false"]
+RLOO = ["algo.rollout_batch_size=4", "algo.samples_per_prompt=2", "algo.micro_batch_size=4", "algo.actor_lr=1e-3"]
+ONLINE = ["algo.rollout_batch_size=8", "algo.micro_batch_size=4", "algo.actor_lr=1e-3"]
+VOLATILE = ("per_s", *MACHINE_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("arms")
+
+
+def args_for(workspace: Path, run_dir: Path, *extra: str, base=NO_RM) -> list[str]:
+    return [*base, *ON_POLICY, *extra, f"output_root={workspace}", f"hydra.run.dir={run_dir}"]
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(s in k for s in VOLATILE)} for r in rows]
+
+
+def step_metrics(run_dir: Path, key: str) -> list[dict]:
+    """The training steps' rows of metrics.jsonl (evaluation rows are interleaved): those that log `key`."""
+    return [m for m in train_metrics(run_dir) if key in m]
+
+
+def points(run_dir: Path) -> list[dict]:
+    with open(run_dir / "points.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def kill_after_checkpoint(workspace: Path, run_dir: Path, args: list[str], step: int) -> None:
+    proc = subprocess.Popen([str(CONSOLE), *args], cwd=workspace, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / f"step-{step:06d}" / "_COMPLETE").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "_COMPLETE").exists()
+
+
+def assert_resume_reproduces(workspace: Path, name: str, *extra: str, kill_at: int = 2) -> None:
+    """An uninterrupted run, and one SIGKILLed after step `kill_at`'s checkpoint then resumed: same metrics, same
+    points."""
+    whole, killed = workspace / f"{name}-whole", workspace / f"{name}-killed"
+    run_cli(args_for(workspace, whole, *extra), workspace)
+    kill_after_checkpoint(workspace, killed, args_for(workspace, killed, *extra), kill_at)
+    out = run_cli(args_for(workspace, killed, *extra), workspace)
+    assert "resumed from" in out.stderr + out.stdout
+    assert train_metrics(killed) == train_metrics(whole)
+    assert comparable_points(killed / "points.csv") == comparable_points(whole / "points.csv")
+
+
+def test_rloo_on_gold_resumes_exactly_after_sigkill(workspace):
+    assert_resume_reproduces(workspace, "rloo", "algo=rloo", "algo.reward=gold", *RLOO)
+    rows = points(workspace / "rloo-whole")
+    assert [r["step"] for r in rows] == ["0", "2", "4"]
+    assert {r["method"] for r in rows} == {"rloo_gt"} and rows[0]["kl_coef"] == "0.05"
+    assert len(step_metrics(workspace / "rloo-whole", "objective/kl")) == 4       # logged every step
+    assert int(rows[-1]["train_samples"]) == 4 * 4 * 2                            # steps × prompts × k
+
+
+def test_grpo_on_the_learned_reward_model(workspace):
+    run_dir = workspace / "grpo"
+    run_cli(args_for(workspace, run_dir, "algo=grpo", *RLOO, "reward_model.steps=10",
+                     "reward_model.normalization_samples=16", base=TINY_BASE), workspace)
+    rows = points(run_dir)
+    assert rows[-1]["method"] == "grpo" and rows[-1]["proxy_reward_mean"] != ""
+    metrics = step_metrics(run_dir, "objective/advantage_abs")
+    assert len(metrics) == 4 and metrics[-1]["policy/approxkl_avg"] >= 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "critic" not in summary["compute_per_role"]      # no critic role: nothing trained or counted for it
+
+
+def test_iterative_dpo_resumes_mid_round_exactly(workspace):
+    """refresh_every=3: the kill lands after step 2, inside the first round; the resumed run must train steps 3
+    on the checkpointed buffer, not on fresh samples."""
+    assert_resume_reproduces(workspace, "iterative", "algo=iterative_dpo", "algo.refresh_every=3", *ONLINE)
+    rows = points(workspace / "iterative-whole")
+    assert rows[-1]["method"] == "iterative_dpo" and rows[-1]["beta"] == "0.1"
+    metrics = step_metrics(workspace / "iterative-whole", "annotator/pairs")
+    assert len(metrics) == 4 and all(m["annotator/pairs"] == 24 for m in metrics)          # one round of 3 × 8 pairs per 3 steps
+    assert all(m["annotator/gold_agreement"] == 1.0 for m in metrics)  # the gold annotator agrees with gold
+
+
+def test_online_dpo_labels_come_from_the_annotator(workspace):
+    """The gold annotator agrees with gold on every pair it decides; flipped (an annotator that always prefers the
+    lower-gold completion) it agrees on none, and the policy it trains ends below the one gold labels train."""
+    final_gold = {}
+    for flip in (0.0, 1.0):
+        run_dir = workspace / f"online-flip{flip:g}"
+        run_cli(args_for(workspace, run_dir, "algo=online_dpo", f"algo.annotator_flip_rate={flip}", "train.steps=8",
+                         "eval.every=8", "algo.rollout_batch_size=16", "algo.micro_batch_size=16",
+                         "algo.actor_lr=3e-3", "algo.warmup_steps=0"), workspace)
+        agreement = [m["annotator/gold_agreement"] for m in step_metrics(run_dir, "annotator/gold_agreement")]
+        assert agreement == [1.0 - flip] * 8
+        rows = points(run_dir)
+        assert rows[-1]["method"] == "online_dpo" and "-gold-" in rows[-1]["run_id"]
+        final_gold[flip] = float(rows[-1]["gold_reward_mean"])
+    assert final_gold[1.0] < final_gold[0.0]
+
+
+def test_a_callable_annotator_prefers_the_higher_score():
+    from rlhf_lab.rewards.annotators import build_annotator
+
+    annotator = build_annotator("callable:tests.ppo_rewards:length_reward")
+    labels = annotator.label(["p", "p", "p"], ["long one", "a", "same"], ["short", "longer", "same"])
+    assert labels.first_wins.tolist()[:2] == [True, False] and labels.decided.tolist() == [True, True, False]
+    assert labels.ties == 1
+
+
+@pytest.mark.parametrize("algo,expected", [("algo=preferred_ft", "dpo-sft-seed0"),
+                                           ("algo=unlikelihood", "dpo-unlikelihood-alpha0.5-seed0")])
+def test_the_dpo_papers_baselines_train(workspace, algo, expected):
+    run_dir = workspace / algo.split("=")[1]
+    extra = [algo, "algo.unlikelihood_alpha=0.5"] if "unlikelihood" in algo else [algo]
+    run_cli([*TINY_BASE, *DPO_BATCH, *extra, f"output_root={workspace}", f"hydra.run.dir={run_dir}",
+             "train.save_model=false"], workspace)
+    rows = points(run_dir)
+    assert rows[-1]["run_id"] == expected and rows[-1]["beta"] == ""
+    assert rows[-1]["loss_type"] == algo.split("=")[1].replace("preferred_ft", "sft")
+
+
+def test_bad_arm_settings_fail_at_start_up(workspace):
+    cases = {
+        ("algo=grpo", "algo.kl_estimator=k1"): "algo.kl_estimator",
+        ("algo=rloo", "algo.samples_per_prompt=1"): "algo.samples_per_prompt",
+        ("algo=rloo", "algo.scale_rewards=false"): "algo.scale_rewards",
+        ("algo=online_dpo", "algo.annotator=judge:nope"): "no judge preset 'nope'",
+        ("algo=online_dpo", "algo.annotator=callable:tests.ppo_rewards:missing"): "algo.annotator",
+        ("algo=online_dpo", "algo.loss_type=kto"): "algo.loss_type",
+        ("algo=online_dpo", "train.batch_size=8"): "train.batch_size",
+    }
+    for overrides, message in cases.items():
+        out = run_cli([*NO_RM, *overrides, f"output_root={workspace}"], workspace, check=False)
+        assert out.returncode != 0 and message in out.stderr, (overrides, out.stderr[-800:])
+        assert "Traceback" not in out.stderr
