@@ -48,14 +48,18 @@ COST_BUDGET_COLUMNS = [
 
 
 def method_label(method: str, loss_type: object) -> str:
-    """Curve name: the DPO family is split by loss type (sigmoid is plain DPO), best-of-n by its scorer (its KL is
-    an upper bound, and the label says so), other methods keep their name."""
+    """Curve name: the DPO family is split by loss type (sigmoid is plain DPO), and by who labelled its pairs and
+    whether a reward model filtered them (method 'fdpo@judge:smollm2': 'dpo (sigmoid) · RM-filtered · labels by
+    judge:smollm2'); best-of-n by its scorer (its KL is an upper bound, and the label says so); other methods keep
+    their name."""
     if method == "best_of_n":
         return f"best-of-n by {loss_type} (KL upper bound)"
-    if method != "dpo":
+    base, _, labeler = str(method).partition("@")
+    if base not in ("dpo", "fdpo"):
         return str(method)
     loss = "" if loss_type is None or (isinstance(loss_type, float) and math.isnan(loss_type)) else str(loss_type)
-    return "dpo (sigmoid)" if loss in ("", "sigmoid") else loss
+    label = "dpo (sigmoid)" if loss in ("", "sigmoid") else loss
+    return label + (" · RM-filtered" if base == "fdpo" else "") + (f" · labels by {labeler}" if labeler else "")
 
 
 def method_labels(points: pd.DataFrame) -> pd.Series:

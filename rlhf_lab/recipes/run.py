@@ -24,6 +24,7 @@ from rlhf_lab.config import BestOfNConfig, PPOConfig, RunConfig, to_container
 from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
+from rlhf_lab.recipes.pair_labels import dpo_method
 from rlhf_lab.tracking.logger import RunLogger
 from rlhf_lab.trainers.compute import peak_rss_mib
 from rlhf_lab.tracking.run_info import write_run_info
@@ -71,8 +72,10 @@ def run_identity(cfg: RunConfig) -> RunIdentity:
     if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
         run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-seed{cfg.seed}"
         return RunIdentity(cfg.study, run_id, "best_of_n", a.scorer, cfg.seed)
-    run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}-seed{cfg.seed}"
-    return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta)
+    method = dpo_method(cfg.preferences, cfg.data.source)   # dpo | fdpo, @labeler unless gold labels
+    slug = method.replace("@", "-").replace(":", "-")
+    run_id = cfg.run_id or f"{slug}-{a.loss_type}-beta{a.beta:g}-seed{cfg.seed}"
+    return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta)
 
 
 def trainer_strategy(cfg: RunConfig, grad_accum: int, max_grad_norm: float | None, micro_batch_size: int):

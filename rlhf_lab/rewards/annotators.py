@@ -70,15 +70,17 @@ class ScoreAnnotator:
 
 class JudgeAnnotator:
     """Asks a pairwise judge, in both presentation orders: a verdict that flips with the order is a tie (position
-    bias cancels; judges/winrate.combine_orders), an invalid answer in both orders is invalid."""
+    bias cancels; judges/winrate.combine_orders), an invalid answer in both orders is invalid. `cache`: a
+    judges.cache.VerdictCache, so verdicts already paid for are never asked again (None: no cache)."""
 
-    def __init__(self, judge, name: str, both_orders: bool = True):
-        self.judge, self.name, self.both_orders = judge, name, both_orders
+    def __init__(self, judge, name: str, both_orders: bool = True, cache=None):
+        self.judge, self.name, self.both_orders, self.cache = judge, name, both_orders, cache
 
     def label(self, prompts, first, second, first_seqs=None, second_seqs=None) -> PairLabels:
         from rlhf_lab.judges.evaluate import judge_pairs
 
-        outcomes = judge_pairs(self.judge, prompts, first, second, cache=None, both_orders=self.both_orders).outcomes
+        outcomes = judge_pairs(self.judge, prompts, first, second, cache=self.cache,
+                               both_orders=self.both_orders).outcomes
         outcomes = torch.from_numpy(np.asarray(outcomes, dtype=np.float64))
         invalid, tie = torch.isnan(outcomes), outcomes == 0.5
         return PairLabels(first_wins=outcomes == 1.0, decided=~invalid & ~tie, ties=int(tie.sum()),
@@ -99,9 +101,10 @@ def check_annotator_spec(spec: str, key: str) -> None:
         raise ConfigError(f"config key '{key}': no judge preset {preset!r} (valid: {valid})")
 
 
-def build_annotator(spec: str, gold=None, reward_model=None) -> Annotator:
+def build_annotator(spec: str, gold=None, reward_model=None, judge_cache=None) -> Annotator:
     """The annotator a spec names. `gold`: the task's rewards.gold.GoldReward (also what the oracle judge
-    reads); `reward_model`: a rewards.source.LearnedRewardSource, needed by spec 'reward_model'."""
+    reads); `reward_model`: a rewards.source.LearnedRewardSource, needed by spec 'reward_model';
+    `judge_cache`: a judges.cache.VerdictCache for a judge's verdicts (None: none)."""
     from rlhf_lab.rewards.source import GoldRewardSource
 
     if spec == "gold":
@@ -119,7 +122,8 @@ def build_annotator(spec: str, gold=None, reward_model=None) -> Annotator:
     preset = spec.partition(":")[2]
     cfg = load_judge_preset(preset)
     scorer = None if gold is None else gold_scorer(gold)
-    return JudgeAnnotator(build_judge(cfg, scorer=scorer, scorer_id=getattr(gold, "name", "gold")), spec)
+    return JudgeAnnotator(build_judge(cfg, scorer=scorer, scorer_id=getattr(gold, "name", "gold")), spec,
+                          cache=judge_cache)
 
 
 def agreement(labels: PairLabels, reference: PairLabels) -> tuple[float, int]:
