@@ -188,7 +188,7 @@ def labelled_pairs(cfg, task, prefs: stages.StageOutput, sft_key: str, sft_dir: 
                                        cfg.reward_model, trunc, cfg.task.seed, device, stage_training(cfg))
         used.append(rm)
     keys = pair_stage_keys(p, prefs.key, rm.key if rm else None)
-    current, summary = prefs, {"labeler": p.labeler, "filter": p.filter}
+    current, summary = prefs, {"labeler": p.labeler}     # + each stage's info, under the stage's name
     if "relabel" in keys:
         rm_dir = rm.dir if rm else None
         current = relabel_stage(cache, keys["relabel"], current.dir / "pairs.jsonl",
