@@ -347,7 +347,7 @@ def _validate_common(cfg: RunConfig) -> None:
 def _validate_labels(p: PreferenceGenConfig) -> None:
     from rlhf_lab.rewards.annotators import check_annotator_spec
 
-    check_annotator_spec(p.labeler, "preferences.labeler")
+    check_annotator_spec(p.labeler, "preferences.labeler", check_credentials=True)
     _check(p.filter in ("none", "reward_model"), "preferences.filter", "none | reward_model", p.filter)
     _check(math.isfinite(p.filter_margin), "preferences.filter_margin", "a finite number", p.filter_margin)
 

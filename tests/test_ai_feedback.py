@@ -118,6 +118,14 @@ def test_bad_label_specs_fail_at_start_up_naming_the_key(overrides, match):
         compose_run_config(["algo=dpo", *overrides])
 
 
+def test_an_api_judge_without_its_key_is_refused_at_start_up(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="'preferences.labeler'=judge:openai: .*OPENAI_API_KEY"):
+        compose_run_config(["algo=dpo", "preferences.labeler=judge:openai"])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert compose_run_config(["preferences.labeler=judge:openai"]).preferences.labeler == "judge:openai"
+
+
 def test_label_keys_are_refused_where_nothing_reads_them():
     with pytest.raises(ConfigError, match="'preferences.labeler' is set but never read: algo=ppo"):
         check_keys_are_read(compose_run_config(["algo=ppo"]), ["preferences.labeler"])

@@ -87,9 +87,10 @@ class JudgeAnnotator:
                           invalid=int(invalid.sum()))
 
 
-def check_annotator_spec(spec: str, key: str) -> None:
-    """Fail at start-up on a spec that names nothing (the judge preset must exist)."""
-    from rlhf_lab.judges.config import PRESET_DIR
+def check_annotator_spec(spec: str, key: str, check_credentials: bool = False) -> None:
+    """Fail at start-up on a spec that names nothing (the judge preset must exist) and, with
+    `check_credentials`, on an API judge whose key is not where its preset says (not after hours of stages)."""
+    from rlhf_lab.judges.config import PRESET_DIR, OpenAIJudgeConfig, load_judge_preset
 
     if spec in ("gold", "reward_model"):
         return
@@ -99,6 +100,14 @@ def check_annotator_spec(spec: str, key: str) -> None:
     if not (PRESET_DIR / f"{preset}.yaml").is_file():
         valid = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise ConfigError(f"config key '{key}': no judge preset {preset!r} (valid: {valid})")
+    cfg = load_judge_preset(preset) if check_credentials else None
+    if isinstance(cfg, OpenAIJudgeConfig) and cfg.api_key_required:
+        from rlhf_lab.judges.openai_judge import resolve_api_key
+
+        try:
+            resolve_api_key(cfg)   # the key itself is not kept
+        except ConfigError as e:
+            raise ConfigError(f"config key '{key}'={spec}: {e}") from None
 
 
 def build_annotator(spec: str, gold=None, reward_model=None, judge_cache=None) -> Annotator:

@@ -118,7 +118,7 @@ def _preference_labels(inputs: rt.StudyInputs) -> str:
         return ""
     return ("<h2>Preference labels (AI feedback, reward-model filter)</h2><p class='sub'>pairs the labeller "
             "relabelled and kept (ties and invalid verdicts dropped), how often it agrees with the gold reward on the "
-            "pairs both decide and on clear-cut ones (gold gap > 0.5), with 95% bootstrap intervals over prompts; "
+            "pairs both decide and on clear-cut ones (gold gap &gt; 0.5), with 95% bootstrap intervals over prompts; "
             "and the pairs the reward-model margin filter kept, with the gold agreement of the kept and the dropped "
             "pairs</p>" + _table(table))
 
