@@ -6,6 +6,7 @@ unknown key, a wrong type or an out-of-range value fails early with a message na
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -64,6 +65,14 @@ class PreferenceGenConfig:
     batch_size: int = 256
     label_noise_temperature: float = 0.0  # >0: Bradley–Terry annotators, P(a ≻ b) = σ((r_a − r_b)/T)
     max_pairs: Optional[int] = None     # cap on the written pairs (random subset); None = all
+    # who labels the pairs the DPO family trains on, and which it keeps (recipes/pair_labels.py); these do not
+    # enter the generated pairs' key, so the gold-labelled pairs (and PPO's reward model) are shared by all
+    labeler: str = "gold"               # gold | reward_model | judge:<preset> (conf/judge/<preset>.yaml)
+    filter: str = "none"                # none | reward_model: keep pairs with RM margin > filter_margin (fDPO)
+    filter_margin: float = 0.0          # r(chosen) − r(rejected), the reward model's normalised units
+
+
+LABEL_KEYS = ("labeler", "filter", "filter_margin")   # PreferenceGenConfig keys read after generation
 
 
 @dataclass
@@ -376,7 +385,7 @@ def _validate_online_dpo(a: OnlineDPOConfig) -> None:
     _check(a.loss_type not in UNPAIRED_LOSSES, "algo.loss_type",
            "a paired loss (online DPO labels pairs of its own samples)", a.loss_type)
     _validate_dpo(a)
-    check_annotator_spec(a.annotator, "algo.annotator")
+    check_annotator_spec(a.annotator, "algo.annotator", check_credentials=True)
     _check(0.0 <= a.annotator_flip_rate <= 1.0, "algo.annotator_flip_rate", "in [0, 1]", a.annotator_flip_rate)
     _check(a.refresh_every >= 1, "algo.refresh_every", ">= 1 (1 = online, K = iterative)", a.refresh_every)
     _validate_sampling(a)
@@ -410,6 +419,7 @@ def _validate_common(cfg: RunConfig) -> None:
     _check(cfg.preferences.temperature > 0, "preferences.temperature", "> 0", cfg.preferences.temperature)
     _check(cfg.preferences.completions_per_prompt >= 2, "preferences.completions_per_prompt", ">= 2",
            cfg.preferences.completions_per_prompt)
+    _validate_labels(cfg.preferences)
     _check(cfg.data.truncation in ("truncate", "drop"), "data.truncation", "truncate | drop", cfg.data.truncation)
     _check(cfg.reward.gold in ("classifier", "vader"), "reward.gold", "classifier | vader", cfg.reward.gold)
     _validate_strategy(cfg.strategy, cfg.train)
@@ -423,6 +433,14 @@ def _validate_common(cfg: RunConfig) -> None:
            "architecture kwargs when model.name_or_path is null", cfg.model.config)
     _check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
            "a pretrained model when model.sft=false (there is nothing to start from)", None)
+
+
+def _validate_labels(p: PreferenceGenConfig) -> None:
+    from rlhf_lab.rewards.annotators import check_annotator_spec
+
+    check_annotator_spec(p.labeler, "preferences.labeler", check_credentials=True)
+    _check(p.filter in ("none", "reward_model"), "preferences.filter", "none | reward_model", p.filter)
+    _check(math.isfinite(p.filter_margin), "preferences.filter_margin", "a finite number", p.filter_margin)
 
 
 def validate_reward_model(r: "RewardModelConfig") -> None:

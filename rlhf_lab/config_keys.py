@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from rlhf_lab.config import BestOfNConfig, OnlineDPOConfig, PPOConfig, RewardModelConfig, RunConfig, SamplingConfig
+from rlhf_lab.config import (LABEL_KEYS, BestOfNConfig, OnlineDPOConfig, PPOConfig, RewardModelConfig, RunConfig,
+                             SamplingConfig)
+from rlhf_lab.recipes.pair_labels import uses_reward_model
 from rlhf_lab.utils.errors import ConfigError
 
 
@@ -27,9 +29,17 @@ def unread_keys(cfg: RunConfig) -> dict[str, str]:
             reason = "algo.scorer=gold: no reward model is trained"
             unread.update({"reward_model.": reason, "preferences.": reason, "data.": reason})
     else:
-        unread["reward_model."] = "the DPO family trains no reward model (algo=ppo does)"
+        if not uses_reward_model(cfg.preferences, cfg.data.source):
+            unread["reward_model."] = ("the DPO family trains no reward model (algo=ppo does; so do "
+                                       "preferences.labeler=reward_model and preferences.filter=reward_model)")
+        if cfg.preferences.filter == "none":
+            unread["preferences.filter_margin"] = "preferences.filter=none filters no pairs"
         if cfg.data.source is not None:
             unread["preferences."] = "data.source replaces the generated preference pairs"
+    if isinstance(a, (SamplingConfig, BestOfNConfig)):
+        unread.update({f"preferences.{key}": f"algo={a.name} trains on no offline pairs: a reward model learns the "
+                       "gold labels, and only the offline DPO family reads who relabels or filters its pairs"
+                       for key in LABEL_KEYS})
     if cfg.task.name == "none":
         unread.update({"sft.": "task=none has no SFT data: the model is used as it is",
                        "reward.gold": "task=none has no gold reward", "preferences.": "task=none generates no pairs"})

@@ -18,11 +18,29 @@ Declared = Callable[[RunConfig], set]
 
 def stages(*names: str) -> Declared:
     """These stages, except that with the user's pairs (data.source) the DPO reference table no longer depends
-    on what only the generated preferences read (it still depends on the SFT reference model)."""
+    on what only the generated preferences read (it still depends on the SFT reference model); and the relabel /
+    filter stages, when switched on, change with whatever feeds them (recipes/label_stages.py)."""
     def for_config(cfg: RunConfig) -> set:
         upstream_only = cfg.data.source is not None and "preferences" in names and "sft" not in names
-        return set(names) - ({"reference_logps"} if upstream_only else set())
+        return with_pair_stages(cfg, set(names) - ({"reference_logps"} if upstream_only else set()))
     return for_config
+
+
+def with_pair_stages(cfg: RunConfig, changed: set) -> set:
+    p, out = cfg.preferences, set(changed)
+    if cfg.data.source is not None:
+        return out
+    rm_feeds = "reward_model" in out
+    if p.labeler != "gold" and ("preferences" in out or (p.labeler == "reward_model" and rm_feeds)):
+        out |= {"relabel", "reference_logps"}
+    if p.filter != "none" and (out & {"preferences", "relabel"} or rm_feeds):
+        out |= {"filter", "reference_logps"}
+    return out
+
+
+def when_on(*names: str, switch: Callable[[RunConfig], bool]) -> Declared:
+    """A key that feeds `names` only where `switch(cfg)` holds (and never with the user's pairs)."""
+    return lambda cfg: with_pair_stages(cfg, set(names)) if cfg.data.source is None and switch(cfg) else set()
 
 
 ALL = stages("task", "sft", "preferences", "reference_logps", "reward_model")
@@ -45,7 +63,12 @@ DECLARED: dict[str, Declared] = {
     "model.trust_remote_code": NONE,                        # permission to load, not an input of any output
     "sft.": FROM_SFT,
     "preferences.": FROM_PREFERENCES,
-    "data.source": stages("reference_logps"),               # the user's pairs replace the generated ones
+    # who labels and which pairs are kept: only the stages after the generated pairs (their key is unchanged)
+    "preferences.labeler": when_on("relabel", "reference_logps", switch=lambda cfg: True),
+    "preferences.filter": when_on("filter", "reference_logps", switch=lambda cfg: True),
+    "preferences.filter_margin": when_on("filter", "reference_logps", switch=lambda cfg: cfg.preferences.filter != "none"),
+    # the user's pairs replace the generated ones (and switch off relabelling / filtering them)
+    "data.source": lambda cfg: (with_pair_stages(cfg, {"preferences"}) - {"preferences"}) | {"reference_logps"},
     "data.split": lambda cfg: {"reference_logps"} if cfg.data.source else set(),   # a hub dataset's split
     "data.max_prompt_length": TOKENIZED, "data.max_completion_length": TOKENIZED, "data.truncation": TOKENIZED,
     "data.max_pairs": NONE,                                  # subsamples after the reference table (indexed by row)
@@ -85,7 +108,10 @@ def changed_value(key: str, value: Any) -> Any:
     special = {"reward.gold": "vader", "data.truncation": "drop", "optim.name": "sgd", "train.precision": "bf16",
                "model.arch": "llama", "model.dtype": "bfloat16", "model.name_or_path": "gpt2",
                "data.source": "trl-lib/tldr-preference", "strategy.name": "deepspeed",
-               "logger.name": "none", "model.config": {"n_layer": 3}, "optim.betas": (0.8, 0.99)}
+               "logger.name": "none", "model.config": {"n_layer": 3}, "optim.betas": (0.8, 0.99),
+               "preferences.labeler": "judge:oracle"}
+    if key == "preferences.filter":
+        return "none" if value != "none" else "reward_model"
     if key in special:
         return special[key]
     if isinstance(value, bool):
@@ -118,18 +144,21 @@ def with_value(cfg: RunConfig, key: str, value: Any) -> RunConfig:
 
 
 @pytest.mark.parametrize("overrides", [["algo=dpo"], ["algo=kto"], ["algo=ppo"], ["algo=ppo_gt"], ["algo=best_of_n"],
-                                       ["algo=dpo", "data.source=trl-lib/ultrafeedback_binarized"]])
+                                       ["algo=dpo", "data.source=trl-lib/ultrafeedback_binarized"],
+                                       ["algo=dpo", "preferences.labeler=reward_model",
+                                        "preferences.filter=reward_model"]])
 def test_every_config_key_changes_exactly_the_stage_keys_it_is_declared_to(overrides):
     base = compose_run_config(overrides)
     base_keys = stage_keys(base)
-    assert set(base_keys) == ALL(base) | {"reference_logps"}
+    assert set(base_keys) == ALL(base) | {"reference_logps"} | with_pair_stages(base, {"preferences"})
     wrong = {}
     for key, value in leaves(base):
         if key in STRUCTURAL:
             continue
         expected = declared(key, base)
-        changed = {s for s, h in stage_keys(with_value(base, key, changed_value(key, value))).items()
-                   if h != base_keys[s]}
+        new_keys = stage_keys(with_value(base, key, changed_value(key, value)))
+        # a stage the change switches on or off is a changed stage
+        changed = {s for s in new_keys.keys() | base_keys.keys() if new_keys.get(s) != base_keys.get(s)}
         if changed != expected:
             wrong[key] = f"changes {sorted(changed)}, declared {sorted(expected)}"
     assert not wrong, "stage keys and declared inputs disagree:\n" + "\n".join(f"  {k}: {v}" for k, v in wrong.items())

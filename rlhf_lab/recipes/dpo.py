@@ -18,6 +18,7 @@ from rlhf_lab.data.tokenize import TruncationConfig, encode_prompt, tokenize_pai
 from rlhf_lab.distributed.strategy import resolve_device
 from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
 from rlhf_lab.recipes import stages
+from rlhf_lab.recipes.label_stages import labelled_pairs
 from rlhf_lab.recipes.run import RunContext, seed_everything, trainer_strategy
 from rlhf_lab.recipes.stage_keys import base_model_key, source_data_key
 from rlhf_lab.trainers.loop import accumulation_steps
@@ -36,6 +37,7 @@ class PreparedData:
     eval_prompt_ids: list[list[int]]
     gold: object | None
     stages: list[stages.StageOutput]      # every cached stage this run used, in build order
+    labels: dict | None = None            # who relabelled / filtered the pairs (recipes/label_stages.py), if any
 
 
 def stage_seconds(outputs: list[stages.StageOutput]) -> dict[str, float]:
@@ -77,7 +79,7 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
     tokenised examples) and the cached reference table."""
     cache = Path(cfg.cache_dir)
     used: list[stages.StageOutput] = []
-    user = user_records(cfg)
+    user, labels = user_records(cfg), None
     task = None
     if cfg.task.name == "imdb":
         task, task_out = stages.task_stage(cfg.task, cfg.reward.gold, cache)
@@ -88,6 +90,7 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
         prefs = stages.preference_stage(cache, task, reference_key, reference_dir, cfg.preferences,
                                         cfg.reward.gold, cfg.task.seed, device)
         used.append(prefs)
+        prefs, labels = labelled_pairs(cfg, task, prefs, reference_key, reference_dir, device, used)
         source, data_key = str(prefs.dir / "pairs.jsonl"), prefs.key
         user = load_preference_records(source)
     else:
@@ -111,7 +114,8 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> PreparedData:
         trunc, device)
     used.append(ref_stage)
     return PreparedData(tokenizer, reference_dir, reference_key, tokenized, table,
-                        [encode_prompt(tokenizer, p) for p in prompts], task.gold if task else None, used)
+                        [encode_prompt(tokenizer, p) for p in prompts], task.gold if task else None, used,
+                        labels or None)
 
 
 def hold_out_prompts(tokenized: list, pairs: list, num_prompts: int) -> tuple[list, list[str]]:
@@ -152,4 +156,5 @@ def train_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     if cfg.train.save_model:
         strategy.save_hf(ctx.run_dir / "model", data.tokenizer)
     return {"stage_seconds": stage_seconds(data.stages), "pairs": len(data.pairs), "final_train_metrics": final,
-            "compute_per_role": trainer.meter.per_role()}
+            "compute_per_role": trainer.meter.per_role(),
+            **({"preference_labels": data.labels} if data.labels else {})}

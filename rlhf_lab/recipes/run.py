@@ -24,6 +24,7 @@ from rlhf_lab.config import BestOfNConfig, CriticFreeConfig, OnlineDPOConfig, PP
 from rlhf_lab.distributed import comm
 from rlhf_lab.distributed.strategy import make_strategy, resolve_device
 from rlhf_lab.eval.points import PointsWriter, RunIdentity
+from rlhf_lab.recipes.pair_labels import dpo_method
 from rlhf_lab.tracking.logger import RunLogger
 from rlhf_lab.trainers.compute import peak_rss_mib
 from rlhf_lab.tracking.run_info import write_run_info
@@ -83,11 +84,14 @@ def run_identity(cfg: RunConfig) -> RunIdentity:
     if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
         run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-{seed}"
         return RunIdentity(cfg.study, run_id, "best_of_n", a.scorer, cfg.seed)
+    method = dpo_method(cfg.preferences, cfg.data.source)   # dpo | fdpo, @labeler unless gold labels
+    slug = method.replace("@", "-").replace(":", "-")
     if a.loss_type in ("sft", "unlikelihood"):   # the DPO paper's baselines: β only scales their logged rewards
         knob = f"-alpha{a.unlikelihood_alpha:g}" if a.loss_type == "unlikelihood" else ""
-        return RunIdentity(cfg.study, cfg.run_id or f"dpo-{a.loss_type}{knob}-{seed}", "dpo", a.loss_type, cfg.seed)
-    run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}-{seed}"
-    return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta)
+        return RunIdentity(cfg.study, cfg.run_id or f"{slug}-{a.loss_type}{knob}-{seed}", method, a.loss_type,
+                           cfg.seed)
+    run_id = cfg.run_id or f"{slug}-{a.loss_type}-beta{a.beta:g}-{seed}"
+    return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta)
 
 
 def learns_reward_model(a) -> bool:

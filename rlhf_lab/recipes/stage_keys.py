@@ -4,7 +4,8 @@ against, so a config key that changes a stage's output cannot be left out of its
 
 The keys come from the same builders the stages use (`recipes.stages.*_key`), chained in the order the recipes
 chain the stages: task → SFT (or the base model) → preferences → reference log-probs (DPO family) and reward
-model (PPO).
+model (PPO); with preferences.labeler / preferences.filter set, relabel and filter between the pairs and the
+reference log-probs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from rlhf_lab.config import RunConfig
 from rlhf_lab.data.tokenize import TruncationConfig
 from rlhf_lab.recipes import stages
+from rlhf_lab.recipes.label_stages import pair_stage_keys
+from rlhf_lab.recipes.pair_labels import labels_apply
 from rlhf_lab.utils.cache import stable_hash
 
 
@@ -32,8 +35,8 @@ def base_model_key(name_or_path: str) -> str:
 
 
 def stage_keys(cfg: RunConfig) -> dict[str, str]:
-    """{stage name: key hash} for task, sft, preferences, reference_logps and reward_model, whichever of them the
-    run will actually use (the hashes name the directories under `<cache_dir>/<stage>/`)."""
+    """{stage name: key hash} for task, sft, preferences, reference_logps and reward_model (and relabel / filter
+    when the preference config switches them on), whichever of them the run will actually use (the hashes name the directories under `<cache_dir>/<stage>/`)."""
     from rlhf_lab.data.tasks.imdb import ImdbTaskConfig, task_hashes
     from rlhf_lab.recipes.dpo import stage_training
 
@@ -49,9 +52,12 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
     keys["preferences"] = stable_hash(stages.preference_key(task["task"], keys["sft"], cfg.preferences,
                                                             cfg.reward.gold, cfg.task.seed))
     trunc = TruncationConfig(cfg.data.max_prompt_length, cfg.data.max_completion_length, cfg.data.truncation)
-    data_key = keys["preferences"] if cfg.data.source is None else source_data_key(cfg.data.source, cfg.data.split)
-    keys["reference_logps"] = stable_hash(stages.reference_logps_key(keys["sft"], data_key, trunc))
     keys["reward_model"] = stable_hash(stages.reward_model_key(keys["sft"], keys["preferences"], cfg.reward_model,
                                                                trunc, cfg.task.seed,
                                                                training.key(cfg.reward_model.max_grad_norm)))
+    data_key = keys["preferences"] if cfg.data.source is None else source_data_key(cfg.data.source, cfg.data.split)
+    if labels_apply(cfg.preferences, cfg.data.source):   # relabel / filter sit between the pairs and the table
+        for name, key_obj in pair_stage_keys(cfg.preferences, keys["preferences"], keys["reward_model"]).items():
+            keys[name] = data_key = stable_hash(key_obj)
+    keys["reference_logps"] = stable_hash(stages.reference_logps_key(keys["sft"], data_key, trunc))
     return keys

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from rlhf_lab.config import ModelConfig, OptimConfig, PreferenceGenConfig, SFTConfig, TaskConfig
+from rlhf_lab.config import LABEL_KEYS, ModelConfig, OptimConfig, PreferenceGenConfig, SFTConfig, TaskConfig
 from rlhf_lab.data.batches import TokenizedUnpaired
 from rlhf_lab.data.collate import collate_pairs, collate_sequences
 from rlhf_lab.data.tokenize import TruncationConfig
@@ -170,8 +170,10 @@ def sft_key(tokenizer_key: str, model_cfg: ModelConfig, sft_cfg: SFTConfig, seed
 
 
 def preference_key(task_key: str, model_key: str, gen_cfg: PreferenceGenConfig, gold_name: str, seed: int) -> dict:
-    # task_key: the full task (its train prompts are what is sampled), not only the tokenizer the model was built on
-    return {"task": task_key, "model": model_key, "gen": asdict(gen_cfg), "gold": gold_name, "seed": seed}
+    # task_key: the full task (its train prompts are what is sampled), not only the tokenizer the model was built on;
+    # who relabels or filters the pairs afterwards is keyed by those stages (recipes/label_stages.py), not here
+    gen = {k: v for k, v in asdict(gen_cfg).items() if k not in LABEL_KEYS}
+    return {"task": task_key, "model": model_key, "gen": gen, "gold": gold_name, "seed": seed}
 
 
 def reference_logps_key(reference_key: str, data_key: str, trunc: TruncationConfig, unpaired: bool = False) -> dict:

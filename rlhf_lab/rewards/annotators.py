@@ -71,24 +71,27 @@ class ScoreAnnotator:
 
 class JudgeAnnotator:
     """Asks a pairwise judge, in both presentation orders: a verdict that flips with the order is a tie (position
-    bias cancels; judges/winrate.combine_orders), an invalid answer in both orders is invalid."""
+    bias cancels; judges/winrate.combine_orders), an invalid answer in both orders is invalid. `cache`: a
+    judges.cache.VerdictCache, so verdicts already paid for are never asked again (None: no cache)."""
 
-    def __init__(self, judge, name: str, both_orders: bool = True):
-        self.judge, self.name, self.both_orders = judge, name, both_orders
+    def __init__(self, judge, name: str, both_orders: bool = True, cache=None):
+        self.judge, self.name, self.both_orders, self.cache = judge, name, both_orders, cache
 
     def label(self, prompts, first, second, first_seqs=None, second_seqs=None) -> PairLabels:
         from rlhf_lab.judges.evaluate import judge_pairs
 
-        outcomes = judge_pairs(self.judge, prompts, first, second, cache=None, both_orders=self.both_orders).outcomes
+        outcomes = judge_pairs(self.judge, prompts, first, second, cache=self.cache,
+                               both_orders=self.both_orders).outcomes
         outcomes = torch.from_numpy(np.asarray(outcomes, dtype=np.float64))
         invalid, tie = torch.isnan(outcomes), outcomes == 0.5
         return PairLabels(first_wins=outcomes == 1.0, decided=~invalid & ~tie, ties=int(tie.sum()),
                           invalid=int(invalid.sum()))
 
 
-def check_annotator_spec(spec: str, key: str) -> None:
-    """Fail at start-up on a spec that names nothing (the judge preset must exist)."""
-    from rlhf_lab.judges.config import PRESET_DIR
+def check_annotator_spec(spec: str, key: str, check_credentials: bool = False) -> None:
+    """Fail at start-up on a spec that names nothing (the judge preset must exist) and, with
+    `check_credentials`, on an API judge whose key is not where its preset says (not after hours of stages)."""
+    from rlhf_lab.judges.config import PRESET_DIR, OpenAIJudgeConfig, load_judge_preset
 
     if spec in ("gold", "reward_model"):
         return
@@ -103,11 +106,20 @@ def check_annotator_spec(spec: str, key: str) -> None:
     if not (PRESET_DIR / f"{preset}.yaml").is_file():
         valid = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
         raise ConfigError(f"config key '{key}': no judge preset {preset!r} (valid: {valid})")
+    cfg = load_judge_preset(preset) if check_credentials else None
+    if isinstance(cfg, OpenAIJudgeConfig) and cfg.api_key_required:
+        from rlhf_lab.judges.openai_judge import resolve_api_key
+
+        try:
+            resolve_api_key(cfg)   # the key itself is not kept
+        except ConfigError as e:
+            raise ConfigError(f"config key '{key}'={spec}: {e}") from None
 
 
-def build_annotator(spec: str, gold=None, reward_model=None) -> Annotator:
+def build_annotator(spec: str, gold=None, reward_model=None, judge_cache=None) -> Annotator:
     """The annotator a spec names. `gold`: the task's rewards.gold.GoldReward (also what the oracle judge
-    reads); `reward_model`: a rewards.source.LearnedRewardSource, needed by spec 'reward_model'."""
+    reads); `reward_model`: a rewards.source.LearnedRewardSource, needed by spec 'reward_model';
+    `judge_cache`: a judges.cache.VerdictCache for a judge's verdicts (None: none)."""
     from rlhf_lab.rewards.source import GoldRewardSource
 
     if spec == "gold":
@@ -129,7 +141,8 @@ def build_annotator(spec: str, gold=None, reward_model=None) -> Annotator:
 
     cfg = load_judge_preset(preset)
     scorer = None if gold is None else gold_scorer(gold)
-    return JudgeAnnotator(build_judge(cfg, scorer=scorer, scorer_id=getattr(gold, "name", "gold")), spec)
+    return JudgeAnnotator(build_judge(cfg, scorer=scorer, scorer_id=getattr(gold, "name", "gold")), spec,
+                          cache=judge_cache)
 
 
 def agreement(labels: PairLabels, reference: PairLabels) -> tuple[float, int]:

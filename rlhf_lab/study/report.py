@@ -94,7 +94,7 @@ def _results(inputs: rt.StudyInputs, budgets: Sequence[float]) -> str:
         + _table(rt.budget_display_table(p, list(budgets)) if not p.empty else None)
         + _equal_cost(p) + _comparisons(p, budgets) + _plateau(p) + _overoptimisation(p)
         + "<h2>Frontier points</h2>" + _table(rt.frontier_display_table(p) if not p.empty else None)
-        + "<h2>Runs (final evaluation)</h2>" + _table(rt.per_run_table(inputs))
+        + "<h2>Runs (final evaluation)</h2>" + _table(rt.per_run_table(inputs)) + _preference_labels(inputs)
         + (f"<h2>Failed runs</h2>{failed_html}" if failed else "")
     )
 
@@ -109,6 +109,18 @@ def _equal_cost(points: pd.DataFrame) -> str:
             "training FLOPs (2N per token forwarded, 6N per token back-propagated, every model role; the shared "
             "evaluation and stages excluded; best-of-n: its n samples per prompt and their scoring) are within the "
             "budget</p>" + _table(rt.cost_budget_display_table(points, budgets)))
+
+
+def _preference_labels(inputs: rt.StudyInputs) -> str:
+    """Runs whose pairs were labelled by an annotator other than the gold reward, or filtered by the reward model."""
+    table = rt.preference_labels_table(inputs.study_dir)
+    if table.empty:
+        return ""
+    return ("<h2>Preference labels (AI feedback, reward-model filter)</h2><p class='sub'>pairs the labeller "
+            "relabelled and kept (ties and invalid verdicts dropped), how often it agrees with the gold reward on the "
+            "pairs both decide and on clear-cut ones (gold gap &gt; 0.5), with 95% bootstrap intervals over prompts; "
+            "and the pairs the reward-model margin filter kept, with the gold agreement of the kept and the dropped "
+            "pairs</p>" + _table(table))
 
 
 def _overoptimisation(points: pd.DataFrame) -> str:

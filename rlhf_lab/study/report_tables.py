@@ -222,3 +222,36 @@ def stage_table(meta: dict) -> pd.DataFrame:
     if meta.get("wall_seconds") is not None:
         rows.append({"stage": "whole study", "wall time (s)": _num(meta["wall_seconds"], ".1f")})
     return pd.DataFrame(rows)
+
+
+def _agreement_cell(summary: object) -> str:
+    """'rate [low, high] (n pairs)' of a pair_labels.agreement_summary dict."""
+    if not isinstance(summary, dict) or summary.get("rate") is None:
+        return "—"
+    cell = _ci_cell(float(summary["rate"]), summary.get("ci_low"), summary.get("ci_high"))
+    return f"{cell} ({summary.get('pairs', '?')} pairs)"
+
+
+def preference_labels_table(study_dir: Path) -> pd.DataFrame:
+    """One row per run that trained on pairs relabelled (preferences.labeler) or filtered (preferences.filter):
+    the pairs kept and the labeller's agreement with the gold reward, from the run's summary.json."""
+    runs = Path(study_dir) / "runs"
+    rows = []
+    for path in sorted(runs.glob("*/summary.json")) if runs.is_dir() else []:
+        labels = _read_json(path, []).get("preference_labels")
+        if not isinstance(labels, dict):
+            continue
+        relabel, kept = (labels.get(k) if isinstance(labels.get(k), dict) else {} for k in ("relabel", "filter"))
+        agreement = relabel.get("agreement_with_gold") or {}
+        rows.append({
+            "run": path.parent.name, "labeler": labels.get("labeler", "—"),
+            "pairs labelled → kept": (f"{relabel['pairs_in']} → {relabel['pairs_out']}, {relabel['flipped']} flipped"
+                                      if relabel else "—"),
+            "agreement with gold [95% CI]": _agreement_cell(agreement.get("all")),
+            "clear-cut pairs": _agreement_cell(agreement.get("clear_cut")),
+            "RM filter (margin)": (f"{kept['pairs_in']} → {kept['pairs_out']} (> {kept['margin']:g})" if kept else "—"),
+            "gold agreement kept / dropped": (f"{_agreement_cell(kept.get('agreement_with_gold_kept'))} / "
+                                              f"{_agreement_cell(kept.get('agreement_with_gold_dropped'))}"
+                                              if kept else "—"),
+        })
+    return pd.DataFrame(rows)
