@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import time
@@ -12,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_lab.config import validate_run_config
+from rlhf_lab.config_keys import check_keys_are_read
 from rlhf_lab.eval.points import MACHINE_COLUMNS
+from rlhf_lab.utils.errors import ConfigError
 from tests.cli import CONSOLE, cli_env, run_cli
+from tests.test_config import composed
 from tests.test_pipeline_smoke import DPO_BATCH, TINY_BASE, comparable_points, without
 
 pytestmark = pytest.mark.integration
@@ -84,12 +89,11 @@ def test_rloo_on_gold_resumes_exactly_after_sigkill(workspace):
     assert int(rows[-1]["train_samples"]) == 4 * 4 * 2                            # steps × prompts × k
 
 
-def test_grpo_on_the_learned_reward_model(workspace):
+def test_grpo_on_the_normalised_gold_reward(workspace):
     run_dir = workspace / "grpo"
-    run_cli(args_for(workspace, run_dir, "algo=grpo", *RLOO, "reward_model.steps=10",
-                     "reward_model.normalization_samples=16", base=TINY_BASE), workspace)
+    run_cli(args_for(workspace, run_dir, "algo=grpo", *RLOO, "algo.reward=gold"), workspace)
     rows = points(run_dir)
-    assert rows[-1]["method"] == "grpo" and rows[-1]["proxy_reward_mean"] != ""
+    assert rows[-1]["method"] == "grpo_gt" and rows[-1]["proxy_reward_mean"] != ""
     metrics = step_metrics(run_dir, "objective/advantage_abs")
     assert len(metrics) == 4 and metrics[-1]["policy/approxkl_avg"] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -145,17 +149,33 @@ def test_the_dpo_papers_baselines_train(workspace, algo, expected):
     assert rows[-1]["loss_type"] == algo.split("=")[1].replace("preferred_ft", "sft")
 
 
-def test_bad_arm_settings_fail_at_start_up(workspace):
-    cases = {
-        ("algo=grpo", "algo.kl_estimator=k1"): "algo.kl_estimator",
-        ("algo=rloo", "algo.samples_per_prompt=1"): "algo.samples_per_prompt",
-        ("algo=rloo", "algo.scale_rewards=false"): "algo.scale_rewards",
-        ("algo=online_dpo", "algo.annotator=judge:nope"): "no judge preset 'nope'",
-        ("algo=online_dpo", "algo.annotator=callable:tests.ppo_rewards:missing"): "algo.annotator",
-        ("algo=online_dpo", "algo.loss_type=kto"): "algo.loss_type",
-        ("algo=online_dpo", "train.batch_size=8"): "train.batch_size",
-    }
-    for overrides, message in cases.items():
-        out = run_cli([*NO_RM, *overrides, f"output_root={workspace}"], workspace, check=False)
-        assert out.returncode != 0 and message in out.stderr, (overrides, out.stderr[-800:])
-        assert "Traceback" not in out.stderr
+@pytest.mark.parametrize("name", ["rloo", "grpo", "online_dpo", "iterative_dpo", "preferred_ft", "unlikelihood"])
+def test_every_new_algo_file_validates(name):
+    cfg = validate_run_config(composed(f"algo={name}"))
+    assert cfg.algo.name == {"iterative_dpo": "online_dpo", "preferred_ft": "dpo", "unlikelihood": "dpo"}.get(name,
+                                                                                                          name)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("algo=grpo", "algo.kl_estimator=k1"), "algo.kl_estimator"),
+    (("algo=rloo", "algo.samples_per_prompt=1"), "algo.samples_per_prompt"),
+    (("algo=rloo", "algo.scale_rewards=false"), "algo.scale_rewards"),
+    (("algo=rloo", "algo.micro_batch_size=5"), "algo.micro_batch_size"),
+    (("algo=online_dpo", "algo.annotator=judge:nope"), "no judge preset 'nope'"),
+    (("algo=online_dpo", "algo.annotator=callable:tests.ppo_rewards:missing"), "algo.annotator"),
+    (("algo=online_dpo", "algo.annotator=oracle"), "algo.annotator"),
+    (("algo=online_dpo", "algo.loss_type=kto"), "algo.loss_type"),
+    (("algo=online_dpo", "algo.annotator_flip_rate=2"), "algo.annotator_flip_rate"),
+    (("algo=unlikelihood", "algo.unlikelihood_alpha=-1"), "unlikelihood_alpha"),
+])
+def test_bad_arm_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_run_config(composed(*overrides))
+
+
+def test_batch_keys_of_offline_dpo_are_refused_for_online_dpo():
+    cfg = validate_run_config(composed("algo=online_dpo"))
+    with pytest.raises(ConfigError, match="train.batch_size.*algo.rollout_batch_size"):
+        check_keys_are_read(cfg, ["train.batch_size"])
+    check_keys_are_read(validate_run_config(composed("algo=online_dpo", "algo.annotator=reward_model")),
+                        ["reward_model.steps"])     # read: the reward model labels
