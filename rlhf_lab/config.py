@@ -13,7 +13,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rlhf_lab.config_algos import (ALGO_SCHEMAS, AlgoConfig, BestOfNConfig, CriticFreeConfig, OnlineDPOConfig,
+                                   PPOConfig, PreferenceLossConfig, RewardedConfig, SamplingConfig, check,
+                                   loss_params, validate_algo)
 from rlhf_lab.utils.errors import ConfigError
+
+__all__ = ["ALGO_SCHEMAS", "AlgoConfig", "BestOfNConfig", "CriticFreeConfig", "OnlineDPOConfig", "PPOConfig",
+           "PreferenceLossConfig", "RewardedConfig", "SamplingConfig", "loss_params"]   # the algo group's schemas
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -83,118 +89,6 @@ class DataConfig:
     max_completion_length: int = 49     # tokens incl. eos; longer completions keep their start
     truncation: str = "truncate"        # truncate | drop
     max_pairs: Optional[int] = None     # use the first N pairs (after shuffling with the task seed)
-
-
-@dataclass
-class PreferenceLossConfig:
-    """A DPO-family loss and its parameters (offline DPO and online DPO)."""
-
-    loss_type: str = "sigmoid"          # a name in rlhf_lab.algos.preference.LOSSES (TRL names)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    rpo_alpha: float = 1.0
-    simpo_gamma: float = 0.5
-    orpo_lambda: float = 0.1
-    discopop_tau: float = 0.05
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5   # TRL 1.16 default
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    unlikelihood_alpha: float = 1.0     # unlikelihood: weight of the rejected completion's Σ log(1 − π) term
-
-
-@dataclass
-class AlgoConfig(PreferenceLossConfig):
-    name: str = "dpo"                   # trainer: dpo (the whole DPO family, paired or unpaired)
-
-
-@dataclass
-class SamplingConfig:
-    """What every method that learns from its own samples shares: how it samples and how fast the policy moves."""
-
-    rollout_batch_size: int = 32        # prompts rolled out per step
-    micro_batch_size: int = 32          # rows per forward/backward (gradient accumulation inside a minibatch)
-    temperature: float = 0.7            # applied identically in rollout, reference and training passes
-    response_length: int = 48
-    actor_lr: float = 3e-6
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-
-
-@dataclass
-class RewardedConfig(SamplingConfig):
-    """On-policy RL from a scalar reward (PPO, RLOO, GRPO): where the reward comes from, how it is shaped, and the
-    KL regularisation towards the reference."""
-
-    reward: str = "learned"             # learned (reward model) | gold (task's gold reward, "-GT") | callable
-    reward_callable: Optional[str] = None  # "module:function", (prompts, completions) -> scores, for reward=callable
-    kl_coef: float = 0.05               # β of the KL regularisation (PPO: per-token penalty; initial value if adaptive)
-    kl_estimator: str = "k1"            # k1 (log-ratio) | k3 ((e^{−k1} − 1) + k1, always ≥ 0)
-    num_mini_batches: int = 1           # optimiser steps per epoch over a rollout
-    cliprange: float = 0.2
-    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
-    normalize_reward: bool = True       # learned RM: its stored gain/bias; gold: fitted alike (SFT samples → 0, 1)
-    reward_clip: Optional[float] = None # clip scores to [−c, c]
-
-
-@dataclass
-class PPOConfig(RewardedConfig):
-    """PPO with four roles (actor, critic, reference, reward); defaults follow TRL's PPO where it has one."""
-
-    name: str = "ppo"
-    adaptive_kl: bool = False           # Ziegler et al. controller towards target_kl
-    target_kl: float = 6.0              # nats per sequence
-    kl_horizon: int = 10000
-    ppo_epochs: int = 4
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_rewards: bool = False        # whiten the per-token rewards (no mean shift)
-    critic_init: str = "reward_model"   # reward_model | sft (SFT backbone with a fresh scalar head)
-    critic_lr: float = 3e-6
-    ema_reference_decay: Optional[float] = None  # EMA of the policy as reference (Xu et al. 2024); None = frozen SFT
-
-
-@dataclass
-class CriticFreeConfig(RewardedConfig):
-    """RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024): k samples per prompt, the baseline from the other
-    samples, no critic (rlhf_lab/algos/critic_free.py). RLOO puts β·KL (kl_estimator) into the sequence reward;
-    GRPO adds β·k3 to the loss (its kl_estimator is k3)."""
-
-    name: str = "rloo"                  # rloo | grpo
-    samples_per_prompt: int = 4         # k: the group each baseline is computed in
-    num_iterations: int = 1             # epochs over each rollout (GRPO's μ); 1 = on-policy REINFORCE / GRPO
-    scale_rewards: bool = True          # grpo: divide by the group's std (false: centre only, Dr. GRPO)
-
-
-@dataclass
-class OnlineDPOConfig(PreferenceLossConfig, SamplingConfig):
-    """Online DPO (Guo et al. 2024): every step samples two completions per prompt from the current policy, an
-    annotator labels them, and a DPO-family step is taken against the frozen reference. refresh_every K > 1 is
-    iterative DPO (Xu et al. 2023): K steps' worth of pairs sampled and labelled at once, then trained on."""
-
-    name: str = "online_dpo"
-    annotator: str = "gold"             # gold | reward_model | judge:<preset> | callable:<module>:<function>
-    annotator_flip_rate: float = 0.0    # each decided label flipped with this probability (noisy annotators; 1 =
-                                        # adversarial): how robust is the method to its labeller?
-    refresh_every: int = 1              # steps per sampling round: 1 = online, K > 1 = iterative
-
-
-@dataclass
-class BestOfNConfig:
-    """Best-of-N from the SFT policy, no training: the yardstick on the frontier (rlhf_lab/algos/best_of_n.py).
-    One run samples K completions per evaluation prompt and writes one points row per n = 1, 2, 4, …, K, with
-    `step` = n (step 0 = n = 1, the SFT model) and KL = log n − (n−1)/n, an upper bound."""
-
-    name: str = "best_of_n"
-    samples: int = 16                   # K completions per evaluation prompt (the largest n)
-    scorer: str = "gold"                # gold: the task's gold reward (the yardstick) | reward_model: the learned RM
-
-
-ALGO_SCHEMAS: dict[str, type] = {"dpo": AlgoConfig, "ppo": PPOConfig, "rloo": CriticFreeConfig,
-                                  "grpo": CriticFreeConfig, "online_dpo": OnlineDPOConfig,
-                                  "best_of_n": BestOfNConfig}
 
 
 @dataclass
@@ -295,23 +189,8 @@ class RunConfig:
     force: bool = False                 # re-run even if the run directory is complete
 
 
-def _check(cond: bool, key: str, expected: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
-
-
 def _validate_semantics(cfg: RunConfig) -> None:
-    if isinstance(cfg.algo, PPOConfig):
-        _validate_ppo(cfg.algo)
-    elif isinstance(cfg.algo, CriticFreeConfig):
-        _validate_critic_free(cfg.algo)
-    elif isinstance(cfg.algo, OnlineDPOConfig):
-        _validate_online_dpo(cfg.algo)
-    elif isinstance(cfg.algo, BestOfNConfig):
-        _check(cfg.algo.samples >= 2, "algo.samples", ">= 2", cfg.algo.samples)
-        _check(cfg.algo.scorer in ("gold", "reward_model"), "algo.scorer", "gold | reward_model", cfg.algo.scorer)
-    else:
-        _validate_dpo(cfg.algo)
+    validate_algo(cfg.algo)
     _validate_common(cfg)
     _apply_budget(cfg)
 
@@ -321,10 +200,10 @@ def _apply_budget(cfg: RunConfig) -> None:
     from rlhf_lab.trainers.compute import examples_per_step, steps_for_budget
 
     b = cfg.train.budget
-    _check(b.by in (None, *BUDGET_UNITS), "train.budget.by", f"null | {' | '.join(BUDGET_UNITS)}", b.by)
-    _check((b.by is None) == (b.value is None), "train.budget.value", "set exactly when train.budget.by is",
-           b.value)
-    _check(b.value is None or b.value > 0, "train.budget.value", "> 0", b.value)
+    check(b.by in (None, *BUDGET_UNITS), "train.budget.by", f"null | {' | '.join(BUDGET_UNITS)}", b.by)
+    check((b.by is None) == (b.value is None), "train.budget.value", "set exactly when train.budget.by is",
+          b.value)
+    check(b.value is None or b.value > 0, "train.budget.value", "> 0", b.value)
     if b.by is not None and isinstance(cfg.algo, BestOfNConfig):
         raise ConfigError("config key 'train.budget': algo=best_of_n trains nothing, so a training budget does not "
                           "apply (its cost is its samples: algo.samples per prompt)")
@@ -332,115 +211,43 @@ def _apply_budget(cfg: RunConfig) -> None:
         cfg.train.steps = steps_for_budget(b.value, examples_per_step(cfg))
 
 
-def _validate_sampling(a: SamplingConfig, minibatches: int = 1, rows_per_prompt: int = 1) -> None:
-    """Every on-policy method: a rollout of rollout_batch_size prompts × rows_per_prompt rows splits into
-    `minibatches` minibatches of whole micro-batches."""
-    _check(a.rollout_batch_size >= 1, "algo.rollout_batch_size", ">= 1", a.rollout_batch_size)
-    _check(a.temperature > 0, "algo.temperature", "> 0", a.temperature)
-    _check(a.response_length >= 1, "algo.response_length", ">= 1", a.response_length)
-    _check(a.actor_lr > 0, "algo.actor_lr", "> 0", a.actor_lr)
-    rows = a.rollout_batch_size * rows_per_prompt
-    _check(rows % minibatches == 0, "algo.rollout_batch_size",
-           f"a rollout of {rows} rows divisible by algo.num_mini_batches={minibatches}", a.rollout_batch_size)
-    mini = rows // minibatches
-    _check(a.micro_batch_size >= 1 and mini % a.micro_batch_size == 0, "algo.micro_batch_size",
-           f"a divisor of the minibatch size {mini} (rollout rows / num_mini_batches)", a.micro_batch_size)
-
-
-def _validate_rewarded(a: RewardedConfig, rows_per_prompt: int = 1) -> None:
-    _check(a.reward in ("learned", "gold", "callable"), "algo.reward", "learned | gold | callable", a.reward)
-    _check(a.reward != "callable" or bool(a.reward_callable), "algo.reward_callable",
-           "'module:function' when algo.reward=callable", a.reward_callable)
-    _check(a.kl_estimator in ("k1", "k3"), "algo.kl_estimator", "k1 | k3", a.kl_estimator)
-    _check(a.kl_coef >= 0, "algo.kl_coef", ">= 0", a.kl_coef)
-    _check(a.num_mini_batches >= 1, "algo.num_mini_batches", ">= 1", a.num_mini_batches)
-    _validate_sampling(a, a.num_mini_batches, rows_per_prompt)
-
-
-def _validate_ppo(a: PPOConfig) -> None:
-    _validate_rewarded(a)
-    _check(a.target_kl > 0, "algo.target_kl", "> 0", a.target_kl)
-    _check(a.critic_init in ("reward_model", "sft"), "algo.critic_init", "reward_model | sft", a.critic_init)
-    _check(a.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1", a.ppo_epochs)
-    _check(a.ema_reference_decay is None or 0 < a.ema_reference_decay < 1, "algo.ema_reference_decay",
-           "in (0, 1) or null", a.ema_reference_decay)
-
-
-def _validate_critic_free(a: CriticFreeConfig) -> None:
-    _check(a.name in ("rloo", "grpo"), "algo.name", "rloo | grpo", a.name)
-    _check(a.samples_per_prompt >= 2, "algo.samples_per_prompt", ">= 2 (the baseline is the other samples)",
-           a.samples_per_prompt)
-    _check(a.num_iterations >= 1, "algo.num_iterations", ">= 1", a.num_iterations)
-    _check(a.name == "grpo" or a.scale_rewards, "algo.scale_rewards",
-           "true with algo=rloo (only GRPO divides by the group's std)", a.scale_rewards)
-    _check(a.name != "grpo" or a.kl_estimator == "k3", "algo.kl_estimator",
-           "k3 for algo=grpo (its loss adds β·k3, Shao et al. 2024 eq. 4)", a.kl_estimator)
-    _validate_rewarded(a, rows_per_prompt=a.samples_per_prompt)
-
-
-def _validate_online_dpo(a: OnlineDPOConfig) -> None:
-    from rlhf_lab.algos.preference import UNPAIRED_LOSSES
-    from rlhf_lab.rewards.annotators import check_annotator_spec
-
-    _check(a.loss_type not in UNPAIRED_LOSSES, "algo.loss_type",
-           "a paired loss (online DPO labels pairs of its own samples)", a.loss_type)
-    _validate_dpo(a)
-    check_annotator_spec(a.annotator, "algo.annotator", check_credentials=True)
-    _check(0.0 <= a.annotator_flip_rate <= 1.0, "algo.annotator_flip_rate", "in [0, 1]", a.annotator_flip_rate)
-    _check(a.refresh_every >= 1, "algo.refresh_every", ">= 1 (1 = online, K = iterative)", a.refresh_every)
-    _validate_sampling(a)
-
-
-def _validate_dpo(a: PreferenceLossConfig) -> None:
-    from rlhf_lab.algos.preference import LOSSES, validate_params
-
-    if a.loss_type not in LOSSES:
-        raise ConfigError(
-            f"config key 'algo.loss_type': unknown loss {a.loss_type!r}; valid names: {', '.join(sorted(LOSSES))}"
-        )
-    try:
-        validate_params(a.loss_type, loss_params(a))
-    except ValueError as e:
-        raise ConfigError(f"config group 'algo': {e}") from None
-
-
 def _validate_common(cfg: RunConfig) -> None:
-    _check(cfg.optim.name in ("adamw", "rmsprop", "sgd"), "optim.name", "adamw | rmsprop | sgd", cfg.optim.name)
-    _check(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
-    _check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
-    _check(cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps)
-    _check(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", cfg.train.checkpoint_every)
+    check(cfg.optim.name in ("adamw", "rmsprop", "sgd"), "optim.name", "adamw | rmsprop | sgd", cfg.optim.name)
+    check(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
+    check(cfg.train.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS), cfg.train.precision)
+    check(cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps)
+    check(cfg.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", cfg.train.checkpoint_every)
     if isinstance(cfg.algo, AlgoConfig):   # PPO's batch is algo.rollout_batch_size; best-of-n trains nothing
-        _check(cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
-               "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}",
-               cfg.train.batch_size)
-    _check(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
-    _check(cfg.eval.temperature > 0, "eval.temperature", "> 0", cfg.eval.temperature)
-    _check(cfg.preferences.temperature > 0, "preferences.temperature", "> 0", cfg.preferences.temperature)
-    _check(cfg.preferences.completions_per_prompt >= 2, "preferences.completions_per_prompt", ">= 2",
-           cfg.preferences.completions_per_prompt)
+        check(cfg.train.micro_batch_size >= 1 and cfg.train.batch_size % cfg.train.micro_batch_size == 0,
+              "train.batch_size", f"a multiple of train.micro_batch_size={cfg.train.micro_batch_size}",
+              cfg.train.batch_size)
+    check(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
+    check(cfg.eval.temperature > 0, "eval.temperature", "> 0", cfg.eval.temperature)
+    check(cfg.preferences.temperature > 0, "preferences.temperature", "> 0", cfg.preferences.temperature)
+    check(cfg.preferences.completions_per_prompt >= 2, "preferences.completions_per_prompt", ">= 2",
+          cfg.preferences.completions_per_prompt)
     _validate_labels(cfg.preferences)
-    _check(cfg.data.truncation in ("truncate", "drop"), "data.truncation", "truncate | drop", cfg.data.truncation)
-    _check(cfg.reward.gold in ("classifier", "vader"), "reward.gold", "classifier | vader", cfg.reward.gold)
+    check(cfg.data.truncation in ("truncate", "drop"), "data.truncation", "truncate | drop", cfg.data.truncation)
+    check(cfg.reward.gold in ("classifier", "vader"), "reward.gold", "classifier | vader", cfg.reward.gold)
     _validate_strategy(cfg.strategy, cfg.train)
     validate_reward_model(cfg.reward_model)
-    _check(cfg.logger.name in ("wandb", "none"), "logger.name", "wandb | none", cfg.logger.name)
-    _check(cfg.task.name in ("imdb", "none"), "task.name", "imdb | none", cfg.task.name)
+    check(cfg.logger.name in ("wandb", "none"), "logger.name", "wandb | none", cfg.logger.name)
+    check(cfg.task.name in ("imdb", "none"), "task.name", "imdb | none", cfg.task.name)
     if cfg.task.name == "none":
-        _check(cfg.data.source is not None, "data.source", "a dataset path or hub name when task=none", None)
-        _check(cfg.model.name_or_path is not None, "model.name_or_path", "a model when task=none", None)
-    _check(cfg.model.name_or_path is not None or bool(cfg.model.config), "model.config",
-           "architecture kwargs when model.name_or_path is null", cfg.model.config)
-    _check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
-           "a pretrained model when model.sft=false (there is nothing to start from)", None)
+        check(cfg.data.source is not None, "data.source", "a dataset path or hub name when task=none", None)
+        check(cfg.model.name_or_path is not None, "model.name_or_path", "a model when task=none", None)
+    check(cfg.model.name_or_path is not None or bool(cfg.model.config), "model.config",
+          "architecture kwargs when model.name_or_path is null", cfg.model.config)
+    check(cfg.model.sft or cfg.model.name_or_path is not None, "model.name_or_path",
+          "a pretrained model when model.sft=false (there is nothing to start from)", None)
 
 
 def _validate_labels(p: PreferenceGenConfig) -> None:
     from rlhf_lab.rewards.annotators import check_annotator_spec
 
     check_annotator_spec(p.labeler, "preferences.labeler", check_credentials=True)
-    _check(p.filter in ("none", "reward_model"), "preferences.filter", "none | reward_model", p.filter)
-    _check(math.isfinite(p.filter_margin), "preferences.filter_margin", "a finite number", p.filter_margin)
+    check(p.filter in ("none", "reward_model"), "preferences.filter", "none | reward_model", p.filter)
+    check(math.isfinite(p.filter_margin), "preferences.filter_margin", "a finite number", p.filter_margin)
 
 
 def validate_reward_model(r: "RewardModelConfig") -> None:
@@ -459,38 +266,26 @@ def validate_reward_model(r: "RewardModelConfig") -> None:
          "0 (off) or >= 2", r.normalization_samples),
     ]
     for ok, key, expected, value in checks:
-        _check(ok, f"reward_model.{key}", expected, value)
+        check(ok, f"reward_model.{key}", expected, value)
 
 
 def _validate_strategy(s: StrategyConfig, train: TrainConfig) -> None:
-    _check(s.name in ("torch", "deepspeed"), "strategy.name", "torch | deepspeed", s.name)
-    _check(s.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", "0, 1, 2 or 3", s.zero_stage)
-    _check(s.generation in ("gather", "synced"), "strategy.generation", "gather | synced", s.generation)
+    check(s.name in ("torch", "deepspeed"), "strategy.name", "torch | deepspeed", s.name)
+    check(s.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", "0, 1, 2 or 3", s.zero_stage)
+    check(s.generation in ("gather", "synced"), "strategy.generation", "gather | synced", s.generation)
     if s.name == "torch":
         for key in ("offload_optimizer", "offload_param", "reference_offload_param", "reward_offload_param"):
-            _check(not getattr(s, key), f"strategy.{key}", "false with strategy.name=torch (offload needs deepspeed)",
-                   getattr(s, key))
-        _check(s.zero_stage == 0, "strategy.zero_stage", "0 with strategy.name=torch (ZeRO needs deepspeed)",
-               s.zero_stage)
-        _check(s.config_path is None, "strategy.config_path", "null with strategy.name=torch", s.config_path)
+            check(not getattr(s, key), f"strategy.{key}", "false with strategy.name=torch (offload needs deepspeed)",
+                  getattr(s, key))
+        check(s.zero_stage == 0, "strategy.zero_stage", "0 with strategy.name=torch (ZeRO needs deepspeed)",
+              s.zero_stage)
+        check(s.config_path is None, "strategy.config_path", "null with strategy.name=torch", s.config_path)
     else:
         for key in ("offload_param", "reference_offload_param", "reward_offload_param"):
-            _check(not getattr(s, key) or s.zero_stage == 3, f"strategy.{key}",
-                   "true only with zero_stage=3 (below it every rank keeps whole parameters)", getattr(s, key))
-        _check(not train.compile, "train.compile", "false with strategy=deepspeed (DeepSpeed compiles its own "
-               "engine)", train.compile)
-
-
-def loss_params(algo: PreferenceLossConfig):
-    from rlhf_lab.algos.preference import LossParams
-
-    return LossParams(
-        beta=float(algo.beta), label_smoothing=algo.label_smoothing, rpo_alpha=algo.rpo_alpha,
-        simpo_gamma=algo.simpo_gamma, orpo_lambda=algo.orpo_lambda, discopop_tau=algo.discopop_tau,
-        f_divergence_type=algo.f_divergence_type, f_alpha_divergence_coef=algo.f_alpha_divergence_coef,
-        desirable_weight=algo.desirable_weight, undesirable_weight=algo.undesirable_weight,
-        unlikelihood_alpha=algo.unlikelihood_alpha,
-    )
+            check(not getattr(s, key) or s.zero_stage == 3, f"strategy.{key}",
+                  "true only with zero_stage=3 (below it every rank keeps whole parameters)", getattr(s, key))
+        check(not train.compile, "train.compile", "false with strategy=deepspeed (DeepSpeed compiles its own "
+              "engine)", train.compile)
 
 
 def _to_schema(schema: type, node, prefix: str):
