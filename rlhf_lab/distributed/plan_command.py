@@ -1,6 +1,6 @@
 """`rlhf-lab plan`: does a PPO or DPO run fit on these GPUs, and with which ZeRO stage / offload?
 
-    rlhf-lab plan model=NAME_OR_DIR algo=ppo|dpo gpus=N gpu_gib=G [nodes=1] [micro_batch=1] [seq_len=1024]
+    rlhf-lab plan model=NAME_OR_DIR algo=ppo|rloo|grpo|dpo|online_dpo gpus=N gpu_gib=G [nodes=1] [micro_batch=1] [seq_len=1024]
                   [precision=autocast_bf16|bf16|fp32] [stages=0,1,2,3] [offload=none,optimizer,param]
                   [headroom=0.9] [checkpointing=false] [json=FILE]
     rlhf-lab plan arch=llama hidden=4096 layers=32 heads=32 kv_heads=8 intermediate=14336 vocab=128256
@@ -59,7 +59,7 @@ def parse_plan_args(args: list[str]) -> dict:
 
 
 def _typed(key: str, value: str):
-    from rlhf_lab.distributed.planner import PRECISIONS
+    from rlhf_lab.distributed.planner import PRECISIONS, ROLES
 
     if key in INT_KEYS:
         if not value.isdigit() or int(value) < 1:
@@ -77,7 +77,7 @@ def _typed(key: str, value: str):
         if not number > 0 or key == "headroom" and number > 1:
             raise ConfigError(f"{key}={value!r}: expected a number > 0" + (" and <= 1" if key == "headroom" else ""))
         return number
-    choices = {"algo": ("ppo", "dpo"), "precision": tuple(PRECISIONS)}.get(key)
+    choices = {"algo": tuple(ROLES), "precision": tuple(PRECISIONS)}.get(key)
     if choices and value not in choices:
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(choices)}")
     if key in ("stages", "offload"):

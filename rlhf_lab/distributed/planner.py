@@ -223,23 +223,28 @@ class Role:
     lm: bool   # has the LM head (actor, policy, reference); otherwise the scalar head (critic, reward)
 
 
+_CRITIC_FREE = (Role("actor", True, True), Role("reference", False, True), Role("reward", False, False))
+_PAIRED = (Role("policy", True, True), Role("reference", False, True))
 ROLES = {"ppo": (Role("actor", True, True), Role("critic", True, False), Role("reference", False, True),
                  Role("reward", False, False)),
-         "dpo": (Role("policy", True, True), Role("reference", False, True))}
+         "rloo": _CRITIC_FREE, "grpo": _CRITIC_FREE,
+         "dpo": _PAIRED, "online_dpo": _PAIRED}   # online DPO's annotator is the gold reward or a judge by default
+PAIRED_ALGOS = ("dpo", "online_dpo")                  # chosen and rejected in one forward: 2 × micro-batch rows
+SAMPLING_ALGOS = ("ppo", "rloo", "grpo", "online_dpo")  # the trained policy also generates (its KV cache)
 
 
 def working_bytes(role: Role, algo: str, shape: ModelShape, micro_batch: int, seq: int, precision: Precision,
                   checkpointing: bool) -> int:
     """Transient memory of a role's phase. Phases run one after another, so the peak is the largest of them.
-    DPO forwards chosen and rejected together (2·micro_batch rows, as TRL and rlhf_lab.trainers.dpo do). The PPO
-    actor generates its rollouts (KV cache) and trains (activations + logits) at different times."""
-    rows = 2 * micro_batch if algo == "dpo" else micro_batch
+    DPO forwards chosen and rejected together (2·micro_batch rows, as TRL and rlhf_lab.trainers.dpo do). An
+    on-policy actor generates its rollouts (KV cache) and trains (activations + logits) at different times."""
+    rows = 2 * micro_batch if algo in PAIRED_ALGOS else micro_batch
     if role.trained:
         train = training_activation_bytes(shape, rows, seq, precision, checkpointing)
         if not role.lm:
             return train
         train += logits_bytes(shape, rows, seq, 3)
-        return max(train, kv_cache_bytes(shape, rows, seq, precision)) if algo == "ppo" else train
+        return max(train, kv_cache_bytes(shape, rows, seq, precision)) if algo in SAMPLING_ALGOS else train
     layer = layer_activation_bytes(shape, rows, seq, precision)   # a no-grad forward holds about one layer
     return layer + (logits_bytes(shape, rows, seq, 2) if role.lm else 0)
 
