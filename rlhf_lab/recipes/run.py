@@ -61,18 +61,19 @@ class RunContext:
 
 
 def run_identity(cfg: RunConfig) -> RunIdentity:
-    a = cfg.algo
+    a, r = cfg.algo, cfg.lora.r
+    lora = f"-lora{r}" if r is not None else ""   # a LoRA arm never shares a directory or a curve with full training
     if isinstance(a, PPOConfig):
         method = {"learned": "ppo", "gold": "ppo_gt", "callable": "ppo_custom"}[a.reward]
         knob = f"target{a.target_kl:g}" if a.adaptive_kl else f"kl{a.kl_coef:g}"
-        run_id = cfg.run_id or f"{method}-{knob}-seed{cfg.seed}"
+        run_id = cfg.run_id or f"{method}-{knob}{lora}-seed{cfg.seed}"
         return RunIdentity(cfg.study, run_id, method, "ppo", cfg.seed, kl_coef=a.kl_coef,
-                           target_kl=a.target_kl if a.adaptive_kl else None)
+                           target_kl=a.target_kl if a.adaptive_kl else None, lora_r=r)
     if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
         run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-seed{cfg.seed}"
         return RunIdentity(cfg.study, run_id, "best_of_n", a.scorer, cfg.seed)
-    run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}-seed{cfg.seed}"
-    return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta)
+    run_id = cfg.run_id or f"dpo-{a.loss_type}-beta{a.beta:g}{lora}-seed{cfg.seed}"
+    return RunIdentity(cfg.study, run_id, "dpo", a.loss_type, cfg.seed, beta=a.beta, lora_r=r)
 
 
 def trainer_strategy(cfg: RunConfig, grad_accum: int, max_grad_norm: float | None, micro_batch_size: int):
@@ -167,8 +168,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
     git = write_run_info(run_dir, resolved) if comm.is_main() else {"sha": None}
     identity = run_identity(cfg)
     tags = [identity.method, f"loss:{identity.loss_type}", f"seed:{cfg.seed}", f"git:{(git['sha'] or 'none')[:8]}"]
-    tags += [f"{name}:{value:g}" for name, value in (("beta", identity.beta), ("kl_coef", identity.kl_coef))
-             if value is not None]
+    tags += [f"{name}:{value:g}" for name, value in (("beta", identity.beta), ("kl_coef", identity.kl_coef),
+                                                     ("lora_r", identity.lora_r)) if value is not None]
     logger = RunLogger(run_dir, cfg.logger, resolved, name=identity.run_id, group=cfg.study, tags=tags,
                        is_main=comm.is_main())
     points = PointsWriter(run_dir / "points.csv") if comm.is_main() else None
