@@ -167,8 +167,9 @@ def workspace(tmp_path_factory):
 def cli_args(workspace, run: str, *extra: str) -> list[str]:
     from tests.test_pipeline_smoke import TINY
 
-    return [*TINY, "lora.r=4", "train.checkpoint_every=1", *extra, f"output_root={workspace}",
-            f"hydra.run.dir={workspace / run}"]
+    # adapters start as a no-op (B = 0) and move slowly at full fine-tuning learning rates
+    return [*TINY, "lora.r=4", "optim.lr=1e-2", "optim.warmup_steps=1", "train.checkpoint_every=1", *extra,
+            f"output_root={workspace}", f"hydra.run.dir={workspace / run}"]
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,26 @@ def test_ppo_with_lora_on_actor_and_critic(workspace):
     assert float(rows[0]["kl_mean"]) == pytest.approx(0.0, abs=1e-6) and rows[-1]["lora_r"] == "4"
     assert int(rows[-1]["tokens_forward_reference"]) > 0       # the adapters-off view is counted as the reference
     assert (run_dir / "adapter" / "adapter_config.json").exists() and (run_dir / "model" / "config.json").exists()
+
+
+# DDP takes ~25 s on 2 CPU cores; ZeRO-3 ~90 s (DeepSpeed start-up on both ranks), so it runs with the slow tests
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["torch", pytest.param("zero3", marks=pytest.mark.slow)])
+def test_lora_dpo_on_two_ranks_equals_one_process(workspace, lora_dpo_run, strategy):
+    """DDP (the reference view bypasses the DDP wrapper), and ZeRO-3, which partitions the base and the adapters:
+    the view joins the policy's engine (no second engine), and the export gathers only the adapters, merged on
+    rank 0 into the same model as one process's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.distributed import assert_metrics_close, run_torchrun, train_metrics
+    from tests.test_distributed import ATOL, LOOSE, RTOL, read_points
+
+    run_dir = workspace / strategy
+    run_torchrun(cli_args(workspace, run_dir.name, "train.device=cpu", f"strategy={strategy}"), workspace)
+    assert_metrics_close(train_metrics(run_dir), train_metrics(lora_dpo_run), RTOL, ATOL, LOOSE)
+    assert_metrics_close(read_points(run_dir / "points.csv"), read_points(lora_dpo_run / "points.csv"), RTOL, ATOL,
+                         {k.split("/")[1]: v for k, v in LOOSE.items()})
+    one = AutoModelForCausalLM.from_pretrained(lora_dpo_run / "model").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(run_dir / "model").state_dict()
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-6)

@@ -47,7 +47,8 @@ def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward
     row = {
         "study": identity.study, "run_id": identity.run_id, "method": identity.method,
         "loss_type": identity.loss_type, "beta": identity.beta, "kl_coef": identity.kl_coef,
-        "target_kl": identity.target_kl, "lora_r": identity.lora_r, "seed": identity.seed, "step": step, "samples": result.samples,
+        "target_kl": identity.target_kl, "lora_r": identity.lora_r, "seed": identity.seed, "step": step,
+        "samples": result.samples,
         "kl_mean": result.kl_mean, "kl_se": result.kl_se, "gold_reward_mean": result.gold_reward_mean,
         "gold_reward_se": result.gold_reward_se, "proxy_reward_mean": proxy_reward,
         "response_len_mean": result.response_len_mean, "temperature": result.temperature,
