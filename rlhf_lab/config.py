@@ -146,6 +146,18 @@ class StrategyConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the trained policy (DPO family, PPO actor; optionally the PPO critic's backbone): the
+    base weights stay frozen, so the reference is the same model with its adapters switched off (models/lora.py)."""
+
+    r: Optional[int] = None             # adapter rank; null = LoRA off (full fine-tuning)
+    alpha: float = 16.0                 # peft's lora_alpha: the update is scaled by alpha / r
+    dropout: float = 0.0                # on the adapters' input; > 0 makes log-prob ratios noisy, as dropout does
+    target_modules: Optional[list[str]] = None  # null = peft's default for the architecture (gpt2: c_attn)
+    critic: bool = False                # PPO: adapters on the critic's backbone as well (its head stays trained)
+
+
+@dataclass
 class EvalConfig:
     every: int = 25                     # evaluate at step 0, every N steps and at the end
     num_prompts: Optional[int] = None   # held-out prompts (None = all of the task's test prompts)
@@ -180,6 +192,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     study: str = "adhoc"                # study name written into every points row
@@ -192,6 +205,7 @@ class RunConfig:
 def _validate_semantics(cfg: RunConfig) -> None:
     validate_algo(cfg.algo)
     _validate_common(cfg)
+    _validate_lora(cfg.lora, cfg.algo)
     _apply_budget(cfg)
 
 
@@ -209,6 +223,27 @@ def _apply_budget(cfg: RunConfig) -> None:
                           "apply (its cost is its samples: algo.samples per prompt)")
     if b.by == "samples":
         cfg.train.steps = steps_for_budget(b.value, examples_per_step(cfg))
+
+
+def _validate_lora(lora: LoraConfig, algo) -> None:
+    check(lora.r is None or lora.r >= 1, "lora.r", "an integer >= 1, or null (LoRA off)", lora.r)
+    check(lora.alpha > 0, "lora.alpha", "> 0", lora.alpha)
+    check(0 <= lora.dropout < 1, "lora.dropout", "in [0, 1)", lora.dropout)
+    check(lora.target_modules is None or (len(lora.target_modules) > 0 and all(lora.target_modules)),
+          "lora.target_modules", "null (peft's default for the architecture) or a non-empty list of module names",
+          lora.target_modules)
+    if lora.r is None:
+        check(not lora.critic, "lora.critic", "false while lora.r is null (LoRA is off)", lora.critic)
+        return
+    if isinstance(algo, BestOfNConfig):
+        raise ConfigError("config key 'lora.r': algo=best_of_n trains nothing, so there are no adapters to train "
+                          "(set lora.r=null)")
+    check(not lora.critic or isinstance(algo, PPOConfig), "lora.critic", "false unless algo is PPO (only PPO has "
+          "a critic)", lora.critic)
+    if isinstance(algo, PPOConfig):
+        check(algo.ema_reference_decay is None, "algo.ema_reference_decay", "null with lora.r set (LoRA's "
+              "reference is the frozen base under the adapters; an EMA reference needs weights of its own)",
+              algo.ema_reference_decay)
 
 
 def _validate_common(cfg: RunConfig) -> None:

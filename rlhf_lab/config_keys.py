@@ -45,6 +45,9 @@ def unread_keys(cfg: RunConfig) -> dict[str, str]:
                        "reward.gold": "task=none has no gold reward", "preferences.": "task=none generates no pairs"})
     elif not cfg.model.sft:
         unread["sft."] = "model.sft=false skips the SFT stage"
+    if cfg.lora.r is None:
+        unread.update({f"lora.{key}": "lora.r is null, so LoRA is off (set lora.r=8, say, to train adapters)"
+                       for key in ("alpha", "dropout", "target_modules")})
     return unread
 
 

@@ -80,6 +80,7 @@ DECLARED: dict[str, Declared] = {
     "train.precision": FROM_SFT,
     # the strategy, device, threads and world size train the same stage up to reduction order: not in keys
     "train.": NONE, "strategy.": NONE, "eval.": NONE, "logger.": NONE, "algo.": NONE,
+    "lora.": NONE,      # adapters train on top of the stages' models (the base is the SFT model, unchanged)
     "seed": NONE, "study": NONE, "run_id": NONE, "output_root": NONE, "cache_dir": NONE, "force": NONE,
 }
 STRUCTURAL = {"task.name"}   # switches whole stages on or off (task=none): covered by the pipeline tests
@@ -123,7 +124,7 @@ def changed_value(key: str, value: Any) -> Any:
     if isinstance(value, str):
         return value + "x"
     if value is None:
-        return 3 if key.endswith(("max_pairs", "num_texts", "max_train_reviews", "threads")) else "x"
+        return 3 if key.endswith(("max_pairs", "num_texts", "max_train_reviews", "threads", "lora.r")) else "x"
     if isinstance(value, (list, tuple)):
         return type(value)(list(value) + [1])
     if isinstance(value, dict):

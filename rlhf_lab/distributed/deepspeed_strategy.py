@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_lab.distributed import comm
-from rlhf_lab.distributed.strategy import StepResult, autocast_context, resolve_device, unwrap_module
+from rlhf_lab.distributed.strategy import StepResult, autocast_context, is_view, resolve_device, unwrap_module
 from rlhf_lab.utils.errors import ConfigError
 
 ENGINE_TAG = "engine"
@@ -190,6 +190,8 @@ class DeepSpeedStrategy:
         (stage 0/1/2 keep full parameters on every rank anyway)."""
         import deepspeed
 
+        if is_view(model):
+            return model
         model.eval().requires_grad_(False)
         if self.zero_stage != 3:
             return model.to(self.device)

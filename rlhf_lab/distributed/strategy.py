@@ -51,6 +51,13 @@ def is_wrapped(model: nn.Module) -> bool:
     return unwrap_module(model) is not model
 
 
+def is_view(model: nn.Module) -> bool:
+    """A frozen role that runs a trained model's own parameters (LoRA's adapters-off reference, models/lora.py):
+    the trained model's strategy has placed them, so `place` returns it as it is (moving it again, or a second
+    ZeRO-3 engine around the same parameters, would be wrong)."""
+    return bool(getattr(model, "views_trained_model", False))
+
+
 @dataclass
 class StepResult:
     stepped: bool              # True at an accumulation boundary (an optimizer step happened)
@@ -127,6 +134,8 @@ class TorchStrategy:
 
     def place(self, model: nn.Module, role: str = "reference") -> nn.Module:
         """A frozen model (role reference | reward): a replica on this rank's device."""
+        if is_view(model):
+            return model
         return model.to(self.device).eval().requires_grad_(False)
 
     def autocast(self):

@@ -69,8 +69,11 @@ def method_label(method: str, loss_type: object) -> str:
 
 
 def method_labels(points: pd.DataFrame) -> pd.Series:
-    return pd.Series([method_label(m, lt) for m, lt in zip(points["method"], points["loss_type"])],
-                     index=points.index, name="method_label", dtype=object)
+    """Each row's curve name; a LoRA run (`lora_r` set) is a curve of its own beside its full fine-tuning twin."""
+    lora = pd.to_numeric(points["lora_r"], errors="coerce") if "lora_r" in points else [math.nan] * len(points)
+    labels = [method_label(m, lt) + ("" if math.isnan(r) else f" + LoRA r={int(r)}")
+              for m, lt, r in zip(points["method"], points["loss_type"], lora)]
+    return pd.Series(labels, index=points.index, name="method_label", dtype=object)
 
 
 def setting_label(beta: object, kl_coef: object, target_kl: object) -> str:

@@ -15,7 +15,7 @@ from rlhf_lab.eval.policy_eval import EvalResult
 from rlhf_lab.trainers.compute import COST_COLUMNS
 
 POINT_COLUMNS = [
-    "study", "run_id", "method", "loss_type", "beta", "kl_coef", "target_kl", "seed", "step", "samples",
+    "study", "run_id", "method", "loss_type", "beta", "kl_coef", "target_kl", "lora_r", "seed", "step", "samples",
     "kl_mean", "kl_se", "gold_reward_mean", "gold_reward_se", "proxy_reward_mean", "response_len_mean",
     "temperature",
     # beyond the contract's minimum: the noisier sampled-KL estimate and EOS rate, for diagnostics
@@ -38,6 +38,7 @@ class RunIdentity:
     beta: Optional[float] = None
     kl_coef: Optional[float] = None
     target_kl: Optional[float] = None
+    lora_r: Optional[int] = None         # LoRA rank when only adapters were trained (a curve of its own)
 
 
 def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward: Optional[float] = None,
@@ -46,7 +47,8 @@ def point_row(identity: RunIdentity, step: int, result: EvalResult, proxy_reward
     row = {
         "study": identity.study, "run_id": identity.run_id, "method": identity.method,
         "loss_type": identity.loss_type, "beta": identity.beta, "kl_coef": identity.kl_coef,
-        "target_kl": identity.target_kl, "seed": identity.seed, "step": step, "samples": result.samples,
+        "target_kl": identity.target_kl, "lora_r": identity.lora_r, "seed": identity.seed, "step": step,
+        "samples": result.samples,
         "kl_mean": result.kl_mean, "kl_se": result.kl_se, "gold_reward_mean": result.gold_reward_mean,
         "gold_reward_se": result.gold_reward_se, "proxy_reward_mean": proxy_reward,
         "response_len_mean": result.response_len_mean, "temperature": result.temperature,

@@ -143,18 +143,53 @@ def train_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     accum = accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, "train.batch_size")
     strategy = trainer_strategy(cfg, accum, cfg.optim.max_grad_norm, cfg.train.micro_batch_size)
     data = prepare_data(cfg, resolve_device(cfg.train.device))
-    with strategy.loading("reference"):    # ZeRO-3: built partitioned, never whole on one rank
-        reference = freeze(load_causal_lm(data.reference_dir))
-    seed_everything(cfg.seed)
-    with strategy.loading("trained"):
-        policy = load_causal_lm(data.reference_dir)
+    policy, reference = dpo_models(cfg, data.reference_dir, strategy)
     inputs = DPOInputs(policy, reference, data.tokenizer, data.pairs, data.reference_table,
                        data.eval_prompt_ids, data.gold, ctx.identity)
     trainer = DPOTrainer(inputs, cfg.algo, cfg.optim, cfg.train, cfg.eval, strategy, ctx.logger, ctx.points,
                          cfg.seed, run_dir=ctx.run_dir, config_hash=ctx.config_hash)
     final = trainer.train()
     if cfg.train.save_model:
-        strategy.save_hf(ctx.run_dir / "model", data.tokenizer)
+        save_policy(cfg, strategy, ctx.run_dir, data.reference_dir, data.tokenizer)
     return {"stage_seconds": stage_seconds(data.stages), "pairs": len(data.pairs), "final_train_metrics": final,
-            "compute_per_role": trainer.meter.per_role(),
+            "compute_per_role": trainer.meter.per_role(), **lora_summary(cfg, strategy),
             **({"preference_labels": data.labels} if data.labels else {})}
+
+
+def dpo_models(cfg: RunConfig, base_dir: Path, strategy) -> tuple:
+    """(policy, reference), unplaced. Full fine-tuning: two models from `base_dir`, the reference loaded afresh
+    (never deep-copied: ZeRO-3 builds it partitioned). LoRA (lora.r set): one model; the policy is its adapters and
+    the reference is the same module with them off, which is exactly the model the cached reference table scored."""
+    if cfg.lora.r is None:
+        with strategy.loading("reference"):    # ZeRO-3: built partitioned, never whole on one rank
+            reference = freeze(load_causal_lm(base_dir))
+    seed_everything(cfg.seed)
+    with strategy.loading("trained"):
+        policy = load_causal_lm(base_dir)
+    if cfg.lora.r is None:
+        return policy, reference
+    from rlhf_lab.models.lora import AdapterOffReference, wrap_causal_lm
+
+    policy = wrap_causal_lm(policy, cfg.lora, cfg.seed)
+    return policy, AdapterOffReference(policy)
+
+
+def save_policy(cfg: RunConfig, strategy, run_dir: Path, base_dir: Path, tokenizer) -> None:
+    """The final policy as an HF causal LM in `run_dir/model` (collective); with LoRA the adapters merged into the
+    base, and the adapter itself in `run_dir/adapter`."""
+    if cfg.lora.r is None:
+        strategy.save_hf(run_dir / "model", tokenizer)
+        return
+    from rlhf_lab.models.lora import export_lora
+
+    export_lora(strategy, run_dir, base_dir, tokenizer)
+
+
+def lora_summary(cfg: RunConfig, strategy) -> dict:
+    """summary.json's record of what trained: the policy's trainable and total parameters (LoRA runs only)."""
+    if cfg.lora.r is None:
+        return {}
+    from rlhf_lab.models.lora import trainable_parameters
+
+    trainable, total = trainable_parameters(strategy.unwrap())
+    return {"lora": {"r": cfg.lora.r, "trainable_params": trainable, "total_params": total}}

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_lab.config import CriticFreeConfig, OnlineDPOConfig, RunConfig
-from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
+from rlhf_lab.models.build import freeze, load_tokenizer
 from rlhf_lab.models.heads import load_scalar_model
+from rlhf_lab.recipes.dpo import dpo_models
 from rlhf_lab.recipes.ppo import (build_reward_source, finish_on_policy, on_policy_run, place_reward_source,
                                   sampling_stages)
 from rlhf_lab.recipes.run import RunContext, learns_reward_model, trainer_strategy
@@ -24,12 +25,10 @@ def _require_task(cfg: RunConfig) -> None:
 
 def _policy_and_reference(cfg: RunConfig, sft_dir: Path, strategy) -> tuple:
     """The trained policy (optimizer from the `optim` group at algo.actor_lr) and the frozen SFT reference, both
-    from the SFT model, loaded inside the strategy's `loading` (ZeRO-3 partitions as it builds) and placed."""
+    from the SFT model, loaded inside the strategy's `loading` (ZeRO-3 partitions as it builds) and placed; with
+    LoRA one model, the reference being its adapters switched off (recipes/dpo.dpo_models)."""
     a = cfg.algo
-    with strategy.loading("trained"):
-        policy = load_causal_lm(sft_dir)
-    with strategy.loading("reference"):
-        reference = freeze(load_causal_lm(sft_dir))
+    policy, reference = dpo_models(cfg, sft_dir, strategy)
     policy = build_trained(strategy, policy, cfg.optim, lr=a.actor_lr, warmup_steps=a.warmup_steps)
     return policy, strategy.place(reference)
 
@@ -52,7 +51,7 @@ def train_critic_free(cfg: RunConfig, ctx: RunContext) -> dict:
     policy, reference = _policy_and_reference(cfg, sft_dir, strategy)
     models = PPOModels(policy, None, reference, place_reward_source(reward, strategy))
     trainer = CriticFreeTrainer(models, on_policy_run(cfg, ctx, task, tokenizer, reference), a, strategy)
-    return finish_on_policy(cfg, ctx, trainer, strategy, tokenizer, used, rm_dir)
+    return finish_on_policy(cfg, ctx, trainer, strategy, tokenizer, sft_dir, used, rm_dir)
 
 
 def train_online_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
@@ -75,4 +74,4 @@ def train_online_dpo(cfg: RunConfig, ctx: RunContext) -> dict:
     annotator = build_annotator(a.annotator, gold=task.gold, reward_model=reward_model)
     trainer = OnlineDPOTrainer(policy, reference, annotator, on_policy_run(cfg, ctx, task, tokenizer, reference), a,
                                strategy)
-    return finish_on_policy(cfg, ctx, trainer, strategy, tokenizer, used, rm_dir)
+    return finish_on_policy(cfg, ctx, trainer, strategy, tokenizer, sft_dir, used, rm_dir)

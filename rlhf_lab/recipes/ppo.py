@@ -15,7 +15,7 @@ from rlhf_lab.distributed.strategy import resolve_device
 from rlhf_lab.models.build import freeze, load_causal_lm, load_tokenizer
 from rlhf_lab.models.heads import build_scalar_model, init_scalar_head, load_scalar_model
 from rlhf_lab.recipes import stages
-from rlhf_lab.recipes.dpo import sft_or_base, stage_seconds, stage_training
+from rlhf_lab.recipes.dpo import lora_summary, save_policy, sft_or_base, stage_seconds, stage_training
 from rlhf_lab.recipes.run import RunContext, trainer_strategy
 from rlhf_lab.rewards.source import CallableRewardSource, GoldRewardSource, LearnedRewardSource
 from rlhf_lab.trainers.loop import build_trained, micro_batch_for
@@ -42,9 +42,13 @@ def build_ppo_models(cfg: RunConfig, sft_dir: Path, rm_dir: Path | None, tokeniz
             # an explicit generator: the head must not depend on how much global RNG the (cached or not) stages
             # used
             init_scalar_head(critic, generator=torch.Generator().manual_seed(cfg.seed))
-    with strategy.loading("reference"):
-        reference = freeze(load_causal_lm(sft_dir))
-        eval_reference = freeze(load_causal_lm(sft_dir)) if a.ema_reference_decay is not None else reference
+    if cfg.lora.r is not None:
+        actor, critic, reference = lora_roles(cfg, actor, critic)
+        eval_reference = reference
+    else:
+        with strategy.loading("reference"):
+            reference = freeze(load_causal_lm(sft_dir))
+            eval_reference = freeze(load_causal_lm(sft_dir)) if a.ema_reference_decay is not None else reference
     reward = build_reward_source(cfg, sft_dir, rm_dir, tokenizer, gold, strategy, prompts)
     return PPOModels(actor, critic, reference, reward), eval_reference
 
@@ -75,6 +79,18 @@ def place_reward_source(reward, strategy):
         reward.model = strategy.place(reward.model, role="reward")
         reward.device = strategy.device
     return reward
+
+
+def lora_roles(cfg: RunConfig, actor, critic) -> tuple:
+    """LoRA (lora.r set): the actor trains adapters and the reference is the actor with them off (no second copy
+    of the SFT weights); with lora.critic the critic's backbone trains adapters too. Returns (actor, critic,
+    reference)."""
+    from rlhf_lab.models.lora import AdapterOffReference, wrap_causal_lm, wrap_scalar_backbone
+
+    actor = wrap_causal_lm(actor, cfg.lora, cfg.seed)
+    if cfg.lora.critic:
+        critic = wrap_scalar_backbone(critic, cfg.lora, cfg.seed + 1)
+    return actor, critic, AdapterOffReference(actor)
 
 
 def gold_normalization(cfg: RunConfig, sft_dir: Path, tokenizer, gold, prompts: list[str]) -> dict:
@@ -134,16 +150,18 @@ def train_ppo(cfg: RunConfig, ctx: RunContext) -> dict:
                                               task.train_prompts)
     models, eval_reference = place_ppo_models(cfg, models, eval_reference, actor_s, critic_s)
     trainer = PPOTrainer(models, on_policy_run(cfg, ctx, task, tokenizer, eval_reference), a, actor_s, critic_s)
-    return finish_on_policy(cfg, ctx, trainer, actor_s, tokenizer, used, rm_dir)
+    return finish_on_policy(cfg, ctx, trainer, actor_s, tokenizer, sft_dir, used, rm_dir)
 
 
-def finish_on_policy(cfg: RunConfig, ctx: RunContext, trainer, strategy, tokenizer, used: list, rm_dir) -> dict:
-    """Train, save the final policy (HF format), and return the run summary's details."""
+def finish_on_policy(cfg: RunConfig, ctx: RunContext, trainer, strategy, tokenizer, sft_dir: Path, used: list,
+                     rm_dir) -> dict:
+    """Train, save the final policy (HF format; with LoRA merged into the SFT weights, plus the adapter), and return
+    the run summary's details."""
     final = trainer.train()
     if cfg.train.save_model:
-        strategy.save_hf(ctx.run_dir / "model", tokenizer)
+        save_policy(cfg, strategy, ctx.run_dir, sft_dir, tokenizer)
     return {"stage_seconds": stage_seconds(used), "final_train_metrics": final,
-            "compute_per_role": trainer.meter.per_role(),
+            "compute_per_role": trainer.meter.per_role(), **lora_summary(cfg, strategy),
             "reward_model": None if rm_dir is None else str(rm_dir), "world_size": comm.world_size()}
 
 

@@ -63,24 +63,26 @@ class RunContext:
 
 def run_identity(cfg: RunConfig) -> RunIdentity:
     """Method, variant and the knob a sweep moves, as the points table, the frontier and W&B name them; the run id
-    spells out every parameter that makes two runs different settings (the frontier tells settings apart by it)."""
-    a, seed = cfg.algo, f"seed{cfg.seed}"
+    spells out every parameter that makes two runs different settings (the frontier tells settings apart by it),
+    LoRA included: a LoRA arm never shares a directory or a curve with full training."""
+    a, r = cfg.algo, cfg.lora.r
+    seed = (f"lora{r}-" if r is not None else "") + f"seed{cfg.seed}"
     if isinstance(a, PPOConfig):
         method = {"learned": "ppo", "gold": "ppo_gt", "callable": "ppo_custom"}[a.reward]
         knob = f"target{a.target_kl:g}" if a.adaptive_kl else f"kl{a.kl_coef:g}"
         run_id = cfg.run_id or f"{method}-{knob}-{seed}"
         return RunIdentity(cfg.study, run_id, method, "ppo", cfg.seed, kl_coef=a.kl_coef,
-                           target_kl=a.target_kl if a.adaptive_kl else None)
+                           target_kl=a.target_kl if a.adaptive_kl else None, lora_r=r)
     if isinstance(a, CriticFreeConfig):
         method = a.name + {"learned": "", "gold": "_gt", "callable": "_custom"}[a.reward]
         run_id = cfg.run_id or f"{method}-kl{a.kl_coef:g}-k{a.samples_per_prompt}-{seed}"
-        return RunIdentity(cfg.study, run_id, method, a.name, cfg.seed, kl_coef=a.kl_coef)
+        return RunIdentity(cfg.study, run_id, method, a.name, cfg.seed, kl_coef=a.kl_coef, lora_r=r)
     if isinstance(a, OnlineDPOConfig):
         method = "online_dpo" if a.refresh_every == 1 else "iterative_dpo"
         every = "" if a.refresh_every == 1 else f"-every{a.refresh_every}"
         run_id = cfg.run_id or (f"{method}-{a.loss_type}-beta{a.beta:g}-{a.annotator.replace(':', '-')}{every}-"
                                 f"{seed}")
-        return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta)
+        return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta, lora_r=r)
     if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
         run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-{seed}"
         return RunIdentity(cfg.study, run_id, "best_of_n", a.scorer, cfg.seed)
@@ -89,9 +91,9 @@ def run_identity(cfg: RunConfig) -> RunIdentity:
     if a.loss_type in ("sft", "unlikelihood"):   # the DPO paper's baselines: β only scales their logged rewards
         knob = f"-alpha{a.unlikelihood_alpha:g}" if a.loss_type == "unlikelihood" else ""
         return RunIdentity(cfg.study, cfg.run_id or f"{slug}-{a.loss_type}{knob}-{seed}", method, a.loss_type,
-                           cfg.seed)
+                           cfg.seed, lora_r=r)
     run_id = cfg.run_id or f"{slug}-{a.loss_type}-beta{a.beta:g}-{seed}"
-    return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta)
+    return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta, lora_r=r)
 
 
 def learns_reward_model(a) -> bool:
@@ -194,8 +196,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path) -> dict:
     git = write_run_info(run_dir, resolved) if comm.is_main() else {"sha": None}
     identity = run_identity(cfg)
     tags = [identity.method, f"loss:{identity.loss_type}", f"seed:{cfg.seed}", f"git:{(git['sha'] or 'none')[:8]}"]
-    tags += [f"{name}:{value:g}" for name, value in (("beta", identity.beta), ("kl_coef", identity.kl_coef))
-             if value is not None]
+    tags += [f"{name}:{value:g}" for name, value in (("beta", identity.beta), ("kl_coef", identity.kl_coef),
+                                                     ("lora_r", identity.lora_r)) if value is not None]
     logger = RunLogger(run_dir, cfg.logger, resolved, name=identity.run_id, group=cfg.study, tags=tags,
                        is_main=comm.is_main())
     points = PointsWriter(run_dir / "points.csv") if comm.is_main() else None
