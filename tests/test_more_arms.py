@@ -89,15 +89,18 @@ def test_rloo_on_gold_resumes_exactly_after_sigkill(workspace):
     assert int(rows[-1]["train_samples"]) == 4 * 4 * 2                            # steps × prompts × k
 
 
-def test_grpo_on_the_normalised_gold_reward(workspace):
+def test_grpo_on_the_normalised_gold_reward_with_lora(workspace):
+    """GRPO on the gold reward, its actor a LoRA adapter (the reference: the same model with it off)."""
     run_dir = workspace / "grpo"
-    run_cli(args_for(workspace, run_dir, "algo=grpo", *RLOO, "algo.reward=gold"), workspace)
+    run_cli(args_for(workspace, run_dir, "algo=grpo", *RLOO, "algo.reward=gold", "lora.r=4"), workspace)
     rows = points(run_dir)
-    assert rows[-1]["method"] == "grpo_gt" and rows[-1]["proxy_reward_mean"] != ""
+    assert rows[-1]["method"] == "grpo_gt" and rows[-1]["proxy_reward_mean"] != "" and rows[-1]["lora_r"] == "4"
+    assert float(rows[-1]["kl_mean"]) > 0                     # the adapter moved the policy off its reference
     metrics = step_metrics(run_dir, "objective/advantage_abs")
     assert len(metrics) == 4 and metrics[-1]["policy/approxkl_avg"] >= 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "critic" not in summary["compute_per_role"]      # no critic role: nothing trained or counted for it
+    assert 0 < summary["lora"]["trainable_params"] < summary["lora"]["total_params"]
 
 
 def test_iterative_dpo_resumes_mid_round_exactly(workspace):
