@@ -82,10 +82,14 @@ def assert_refused(out, run_dir: Path | None, *needles: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run configs
-CONFIG_CASES = {
+# refused by Hydra while composing (the CLI turns its exception into one clear line): run through the CLI
+COMPOSE_CASES = {
     "typo_key": (["train.stpes=3"], ["train.stpes"]),
-    "wrong_type": (["train.steps=abc"], ["train.steps"]),
     "unknown_group_option": (["algo=nope"], ["algo", "nope"]),
+}
+# refused by rlhf_lab's own checks after composition: checked in-process
+CONFIG_CASES = {
+    "wrong_type": (["train.steps=abc"], ["train.steps"]),
     "impossible_batch_division": (["train.batch_size=10", "train.micro_batch_size=4"], ["train.batch_size"]),
     "unknown_precision": (["train.precision=fp8"], ["train.precision"]),
     "unknown_loss": (["algo.loss_type=foo"], ["algo.loss_type", "foo"]),
@@ -104,16 +108,32 @@ CONFIG_CASES = {
 }
 
 
-def config_case(ws: Path, case: str) -> "Case":
-    overrides, needles = CONFIG_CASES[case]
+def compose_case(ws: Path, case: str) -> "Case":
+    overrides, needles = COMPOSE_CASES[case]
     run_dir = ws / "runs" / f"cfg_{case}"
     return Case(["logger=none", *overrides, f"output_root={ws}", f"cache_dir={ws / 'cache'}",
                  f"hydra.run.dir={run_dir}"], needles, run_dir)
 
 
+@pytest.mark.parametrize("case", sorted(COMPOSE_CASES))
+def test_config_hydra_cannot_compose_is_refused_at_start(outcomes, case):
+    outcomes.check(f"compose:{case}")
+
+
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_bad_run_config_is_refused_at_start(outcomes, case):
-    outcomes.check(f"config:{case}")
+def test_bad_run_config_is_refused_at_start(case):
+    """What the CLI does before anything runs (cli.train_app: compose, validate, refuse unread keys), in-process:
+    the CLI's own exit code and message format are tested once in tests/test_config.py."""
+    from rlhf_lab.config import validate_run_config
+    from rlhf_lab.config_keys import check_keys_are_read, override_keys
+    from rlhf_lab.utils.errors import ConfigError
+    from tests.test_config import composed
+
+    overrides, needles = CONFIG_CASES[case]
+    with pytest.raises(ConfigError) as refused:
+        check_keys_are_read(validate_run_config(composed(*overrides)), override_keys(overrides))
+    for needle in needles:
+        assert needle in str(refused.value), (needle, str(refused.value))
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -254,7 +274,7 @@ class Outcomes:
 
     def __init__(self, ws: Path):
         self.ws = ws
-        builders = {"config": (config_case, CONFIG_CASES), "data": (data_case, DATA_CASES),
+        builders = {"compose": (compose_case, COMPOSE_CASES), "data": (data_case, DATA_CASES),
                     "model": (model_case, MODEL_CASES), "study": (study_case, STUDY_CASES)}
         self.cases = {f"{kind}:{name}": build(ws, name) for kind, (build, table) in builders.items()
                       for name in table}

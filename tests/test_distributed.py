@@ -146,6 +146,7 @@ def test_sigkill_and_resume_under_zero3(workspace, stages_two_ranks, algo):
     assert read_points(killed / "points.csv") == read_points(straight / "points.csv")
 
 
+@pytest.mark.slow   # the same two-process point runs under SLURM in tests/test_slurm.py (srun, two tasks)
 def test_study_points_on_two_processes_locally(tmp_path):
     """`resources: {processes: 2}`: the local runner starts each point as 2 ranks under torchrun (each rank runs
     `rlhf-lab study ... phase=point index=I`, as srun tasks do on SLURM); the points table is assembled as usual."""
