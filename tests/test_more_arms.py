@@ -182,3 +182,15 @@ def test_batch_keys_of_offline_dpo_are_refused_for_online_dpo():
         check_keys_are_read(cfg, ["train.batch_size"])
     check_keys_are_read(validate_run_config(composed("algo=online_dpo", "algo.annotator=reward_model")),
                         ["reward_model.steps"])     # read: the reward model labels
+
+
+def test_online_dpo_curves_are_named_by_their_annotator():
+    from rlhf_lab.eval.frontier import method_label
+    from rlhf_lab.recipes.run import run_identity
+
+    identity = run_identity(validate_run_config(composed("algo=online_dpo", "algo.annotator=reward_model",
+                                                         "algo.annotator_flip_rate=0.2")))
+    assert identity.method == "online_dpo@reward_model"
+    assert identity.run_id == "online_dpo-sigmoid-beta0.1-reward_model-flip0.2-seed0"
+    assert method_label(identity.method, "sigmoid") == "online_dpo · labels by reward_model"
+    assert method_label("iterative_dpo", "ipo") == "iterative_dpo (ipo)"

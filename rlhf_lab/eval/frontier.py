@@ -54,18 +54,20 @@ BASELINE_LABELS = {"sft": "preferred-ft", "unlikelihood": "unlikelihood"}
 def method_label(method: str, loss_type: object) -> str:
     """Curve name: the DPO family is split by loss type (sigmoid is plain DPO; sft is the paper's Preferred-FT),
     and by who labelled its pairs and whether a reward model filtered them (method 'fdpo@judge:smollm2': 'dpo
-    (sigmoid) · RM-filtered · labels by judge:smollm2'); online / iterative DPO by loss type too; best-of-n by its
-    scorer (its KL is an upper bound, and the label says so); other methods keep their name."""
+    (sigmoid) · RM-filtered · labels by judge:smollm2'); online / iterative DPO by loss type and annotator too
+    ('online_dpo@reward_model': 'online_dpo · labels by reward_model'); best-of-n by its scorer (its KL is an
+    upper bound, and the label says so); other methods keep their name."""
     if method == "best_of_n":
         return f"best-of-n by {loss_type} (KL upper bound)"
     loss = "" if loss_type is None or (isinstance(loss_type, float) and math.isnan(loss_type)) else str(loss_type)
-    if method in ("online_dpo", "iterative_dpo"):
-        return str(method) if loss in ("", "sigmoid") else f"{method} ({loss})"
     base, _, labeler = str(method).partition("@")
+    by = f" · labels by {labeler}" if labeler else ""
+    if base in ("online_dpo", "iterative_dpo"):
+        return (base if loss in ("", "sigmoid") else f"{base} ({loss})") + by
     if base not in ("dpo", "fdpo"):
         return str(method)
     label = "dpo (sigmoid)" if loss in ("", "sigmoid") else BASELINE_LABELS.get(loss, loss)
-    return label + (" · RM-filtered" if base == "fdpo" else "") + (f" · labels by {labeler}" if labeler else "")
+    return label + (" · RM-filtered" if base == "fdpo" else "") + by
 
 
 def method_labels(points: pd.DataFrame) -> pd.Series:

@@ -77,11 +77,13 @@ def run_identity(cfg: RunConfig) -> RunIdentity:
         method = a.name + {"learned": "", "gold": "_gt", "callable": "_custom"}[a.reward]
         run_id = cfg.run_id or f"{method}-kl{a.kl_coef:g}-k{a.samples_per_prompt}-{seed}"
         return RunIdentity(cfg.study, run_id, method, a.name, cfg.seed, kl_coef=a.kl_coef, lora_r=r)
-    if isinstance(a, OnlineDPOConfig):
-        method = "online_dpo" if a.refresh_every == 1 else "iterative_dpo"
+    if isinstance(a, OnlineDPOConfig):   # online_dpo | iterative_dpo, @annotator unless the gold reward labels
+        method = ("online_dpo" if a.refresh_every == 1 else "iterative_dpo") + \
+            ("" if a.annotator == "gold" else f"@{a.annotator}")
         every = "" if a.refresh_every == 1 else f"-every{a.refresh_every}"
-        run_id = cfg.run_id or (f"{method}-{a.loss_type}-beta{a.beta:g}-{a.annotator.replace(':', '-')}{every}-"
-                                f"{seed}")
+        flip = f"-flip{a.annotator_flip_rate:g}" if a.annotator_flip_rate else ""
+        run_id = cfg.run_id or (f"{method.split('@')[0]}-{a.loss_type}-beta{a.beta:g}-"
+                                f"{a.annotator.replace(':', '-')}{every}{flip}-{seed}")
         return RunIdentity(cfg.study, run_id, method, a.loss_type, cfg.seed, beta=a.beta, lora_r=r)
     if isinstance(a, BestOfNConfig):   # its setting is n, which is the row's step (recipes/best_of_n.py)
         run_id = cfg.run_id or f"best_of_n-{a.scorer}-k{a.samples}-{seed}"
