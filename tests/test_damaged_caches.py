@@ -54,6 +54,23 @@ def test_the_manifest_names_what_is_wrong(tmp_path):
     assert "manifest is missing or unreadable" in damage(tmp_path / "xyz")
 
 
+def test_a_link_to_a_growing_file_outside_is_not_damage(tmp_path):
+    """W&B links each run's logs/debug-core.log to its service's shared log, which grows with every later run: a
+    finished run must stay intact (a study rerun once found all 28 of its finished runs 'damaged' by this)."""
+    shared = tmp_path / "shared.log"
+    shared.write_text("a")
+    with atomic_dir(tmp_path / "run") as tmp:
+        (tmp / "points.csv").write_text("x")
+        (tmp / "debug-core.log").symlink_to(shared)
+    assert json.loads((tmp_path / "run" / COMPLETE_MARKER).read_text())["files"] == {"points.csv": 1}
+    shared.write_text("grown by another run")
+    assert damage(tmp_path / "run") is None
+    # a manifest written before links were left out lists it: the link is still not the directory's to check
+    mark = tmp_path / "run" / COMPLETE_MARKER
+    mark.write_text(json.dumps({"published_as": "run", "files": {"points.csv": 1, "debug-core.log": 1}}))
+    assert damage(tmp_path / "run") is None
+
+
 def test_a_truncated_stage_is_moved_aside_and_rebuilt(tmp_path, caplog):
     first, builds = toy_stage(tmp_path)
     assert first.built and len(builds) == 1

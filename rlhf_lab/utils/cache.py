@@ -48,10 +48,12 @@ def is_complete(path: Path) -> bool:
 
 def mark_complete(directory: Path, published_as: str | None = None) -> None:
     """Write the marker last, as a manifest of what is there now: the name the directory is published under
-    (default: its own) and the size of every file below it."""
+    (default: its own) and the size of every file below it. Symbolic links are left out: what they point to lives
+    elsewhere and may change (W&B links each run's logs/debug-core.log to its shared service log, which grows
+    with every later run)."""
     directory = Path(directory)
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != COMPLETE_MARKER}
+             if p.is_file() and not p.is_symlink() and p.name != COMPLETE_MARKER}
     manifest = {"published_as": published_as or directory.name, "files": files}
     (directory / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -68,6 +70,8 @@ def damage(path: Path) -> str | None:
         return f"it was published as {published_as!r}, not {path.name!r} (renamed or copied to another key?)"
     for name, size in files.items():
         file = path / name
+        if file.is_symlink():   # listed by an older rlhf_lab: a link's target is not part of the directory
+            continue
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
