@@ -120,6 +120,9 @@ def main() -> None:
         sys.argv = [sys.argv[0], *follower_overrides(args)]
         try:
             train_app()
+            from rlhf_lab.distributed import comm
+
+            comm.shutdown()
         except SystemExit as e:
             # Hydra reports a composition error (a typo'd key, an unknown group option, a malformed override)
             # with its own one-line message and exit code 1, before the task starts: a user error here (2)

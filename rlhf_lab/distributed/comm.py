@@ -70,6 +70,14 @@ def init_process_group(device_type: str) -> None:
                             timeout=datetime.timedelta(minutes=minutes))
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: a process that exits with gloo's (or NCCL's)
+    threads still alive can abort on its way out ("terminate called without an active exception", SIGABRT) and
+    turn a finished run into a failed launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
