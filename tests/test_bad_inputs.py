@@ -255,9 +255,25 @@ def study_case(ws: Path, case: str) -> "Case":
 
 
 @pytest.mark.parametrize("case", sorted(STUDY_CASES))
-def test_bad_study_file_is_refused_before_anything_runs(outcomes, case):
-    outcomes.check(f"study:{case}")
-    assert not list((outcomes.ws / "study_out").glob("*/points.csv"))
+def test_bad_study_file_is_refused_before_anything_runs(ws, case, capsys, monkeypatch):
+    """`rlhf-lab study` in-process (what the console script calls, minus its import time): refused with a
+    message naming the key, nothing run. The console script's handling of a refusal is tested with the other
+    CLI cases."""
+    from rlhf_lab.study.runner import study_main
+    from rlhf_lab.utils.errors import UserError
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)   # the judge case needs it absent
+    monkeypatch.chdir(ws)
+    args = study_case(ws, case).args[1:]
+    try:
+        code, message = study_main(args), ""
+    except UserError as e:
+        code, message = 2, str(e)
+    message += capsys.readouterr().err
+    assert code != 0, f"study {case} was accepted"
+    for needle in STUDY_CASES[case][1]:
+        assert needle in message, (needle, message[-800:])
+    assert not list((ws / "study_out").glob("*/points.csv"))
 
 
 # ------------------------------------------------------------------------------------------------ runner
@@ -275,7 +291,7 @@ class Outcomes:
     def __init__(self, ws: Path):
         self.ws = ws
         builders = {"compose": (compose_case, COMPOSE_CASES), "data": (data_case, DATA_CASES),
-                    "model": (model_case, MODEL_CASES), "study": (study_case, STUDY_CASES)}
+                    "model": (model_case, MODEL_CASES)}
         self.cases = {f"{kind}:{name}": build(ws, name) for kind, (build, table) in builders.items()
                       for name in table}
         env = cli_env()
