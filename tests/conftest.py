@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny BPE tokenizer and tiny GPT-2 models built here (no hub, no network)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import os
 
 import pytest
@@ -41,6 +43,20 @@ def tiny_model(tiny_tokenizer):
                      bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
                      pad_token_id=tiny_tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def shared_stage_cache(tmp_path_factory):
+    """One stage cache for the test modules that run the tiny task (TINY_BASE) as users would, each in its own
+    workspace: its `cache` links here, so the task, SFT and preference stages are built once per session, not once
+    per module (the cache is content-addressed and locked, the same sharing a study's runs rely on)."""
+    return tmp_path_factory.mktemp("shared_stage_cache")
+
+
+def workspace_with_shared_cache(tmp_path_factory, name: str, cache: Path) -> Path:
+    workspace = tmp_path_factory.mktemp(name)
+    (workspace / "cache").symlink_to(cache, target_is_directory=True)
+    return workspace
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,7 @@ def stages_two_ranks(workspace):
     return workspace / "cache2"
 
 
+@pytest.mark.slow   # the CI budget: DPO and PPO on two ranks stay in the default suite
 def test_sft_and_reward_model_on_two_ranks_equal_one_process(workspace, stages_two_ranks):
     run_cli(args(workspace, "ppo-one", *PPO, cache="cache1"), workspace)
     weights = {}

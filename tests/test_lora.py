@@ -24,6 +24,7 @@ from rlhf_lab.models.lora import AdapterOffReference, export_lora, trainable_par
 from rlhf_lab.tracking.logger import RunLogger
 from rlhf_lab.trainers.dpo import DPOInputs, DPOTrainer
 from rlhf_lab.utils.errors import ConfigError
+from tests.conftest import workspace_with_shared_cache
 from tests.test_dpo_trainer import make_pairs, reference_table
 
 LORA = LoraConfig(r=4, alpha=8.0)
@@ -160,8 +161,8 @@ def test_export_is_a_merged_causal_lm_and_a_peft_adapter(tiny_model, tiny_tokeni
 
 # ------------------------------------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return tmp_path_factory.mktemp("lora")
+def workspace(tmp_path_factory, shared_stage_cache):
+    return workspace_with_shared_cache(tmp_path_factory, "lora", shared_stage_cache)
 
 
 def cli_args(workspace, run: str, *extra: str) -> list[str]:
@@ -197,6 +198,7 @@ def test_lora_dpo_through_the_cli_exports_model_and_adapter(lora_dpo_run):
 
 
 @pytest.mark.integration
+@pytest.mark.slow   # the CI budget: the in-process checkpoint round trip above covers the adapter and Adam state
 def test_killed_lora_run_resumes_to_the_uninterrupted_points(workspace, lora_dpo_run):
     from tests.cli import cli_env, run_cli
     from tests.test_pipeline_smoke import comparable_points

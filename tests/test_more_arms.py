@@ -17,6 +17,7 @@ from rlhf_lab.config import validate_run_config
 from rlhf_lab.config_keys import check_keys_are_read
 from rlhf_lab.eval.points import MACHINE_COLUMNS
 from rlhf_lab.utils.errors import ConfigError
+from tests.conftest import workspace_with_shared_cache
 from tests.cli import CONSOLE, cli_env, run_cli
 from tests.test_config import composed
 from tests.test_pipeline_smoke import DPO_BATCH, TINY_BASE, comparable_points, without
@@ -32,8 +33,8 @@ VOLATILE = ("per_s", *MACHINE_COLUMNS)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return tmp_path_factory.mktemp("arms")
+def workspace(tmp_path_factory, shared_stage_cache):
+    return workspace_with_shared_cache(tmp_path_factory, "arms", shared_stage_cache)
 
 
 def args_for(workspace: Path, run_dir: Path, *extra: str, base=NO_RM) -> list[str]:

@@ -244,6 +244,7 @@ def test_hydra_submitit_requeue_resumes_into_its_own_run_directory(slurm_cluster
 
 
 # ------------------------------------------------------------------------------------------ multi-process points
+@pytest.mark.slow   # the CI budget: the submitit point on two tasks below trains data-parallel under SLURM too
 def test_point_with_two_processes_runs_as_two_srun_tasks(slurm_cluster, array_study, tmp_path):  # noqa: F811
     """`resources: {processes: 2}`: the array task gets 2 SLURM tasks, the template starts one rank per task with
     srun (RANK from SLURM_PROCID, rendezvous on the first node) and the point trains data-parallel."""
