@@ -6,9 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from rlhf_lab.config_keys import check_keys_are_read
 from rlhf_lab.eval.points import MACHINE_COLUMNS
 from rlhf_lab.utils.errors import ConfigError
 from tests.conftest import workspace_with_shared_cache
-from tests.cli import CONSOLE, cli_env, run_cli
+from tests.cli import kill_after_checkpoint, run_cli
 from tests.test_config import composed
 from tests.test_pipeline_smoke import DPO_BATCH, TINY_BASE, comparable_points, without
 
@@ -56,19 +53,6 @@ def points(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def kill_after_checkpoint(workspace: Path, run_dir: Path, args: list[str], step: int) -> None:
-    proc = subprocess.Popen([str(CONSOLE), *args], cwd=workspace, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / f"step-{step:06d}" / "_COMPLETE").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "_COMPLETE").exists()
-
-
 def uninterrupted(workspace: Path, name: str, *extra: str) -> Path:
     """A run of `extra` (once per workspace: the smoke test and the kill test share it)."""
     whole = workspace / f"{name}-whole"
@@ -81,7 +65,7 @@ def assert_resume_reproduces(workspace: Path, name: str, *extra: str, kill_at: i
     """An uninterrupted run, and one SIGKILLed after step `kill_at`'s checkpoint then resumed: same metrics, same
     points."""
     whole, killed = uninterrupted(workspace, name, *extra), workspace / f"{name}-killed"
-    kill_after_checkpoint(workspace, killed, args_for(workspace, killed, *extra), kill_at)
+    kill_after_checkpoint(args_for(workspace, killed, *extra), workspace, killed, kill_at)
     out = run_cli(args_for(workspace, killed, *extra), workspace)
     assert "resumed from" in out.stderr + out.stdout
     assert train_metrics(killed) == train_metrics(whole)

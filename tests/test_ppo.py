@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lab.eval.points import MACHINE_COLUMNS
-from tests.cli import CONSOLE, cli_env, run_cli
+from tests.cli import CONSOLE, cli_env, kill_after_checkpoint, run_cli
 from tests.test_pipeline_smoke import TINY_BASE, comparable_points, read_points, without
 
 pytestmark = pytest.mark.integration
@@ -99,16 +99,7 @@ def test_best_of_n_by_the_learned_reward_model(workspace):
 
 def test_sigkill_then_resume_reproduces_uninterrupted_run(workspace, ppo_gt_run):
     run_dir = workspace / "killed"
-    proc = subprocess.Popen(command(workspace, run_dir, "algo=ppo_gt"), cwd=workspace, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "step-000002" / "_COMPLETE").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "_COMPLETE").exists()
+    kill_after_checkpoint(ppo_args(workspace, run_dir, "algo=ppo_gt"), workspace, run_dir, 2)
     out = run(workspace, run_dir, "algo=ppo_gt")
     assert "resumed from" in out.stderr + out.stdout
     assert train_metrics(run_dir) == train_metrics(ppo_gt_run)
